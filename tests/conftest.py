@@ -1,0 +1,35 @@
+"""Shared test fixtures: where llama.cpp's reference data lives (../shared/fixtures beside the repo)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO.parent / "shared" / "fixtures"
+
+
+def fixtures_or_skip() -> Path:
+    """The fixtures folder, or skip the test with the reason if it is not there."""
+    if not (FIXTURES / "index.json").is_file():
+        pytest.skip(f"llama.cpp reference fixtures not found at {FIXTURES}")
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def fixtures() -> Path:
+    return fixtures_or_skip()
+
+
+@pytest.fixture(scope="session")
+def fixture_index(fixtures: Path) -> dict:
+    return json.loads((fixtures / "index.json").read_text())
+
+
+def fixture_case_ids() -> list[str]:
+    """Case ids of index.json for parametrizing (empty when the fixtures are absent)."""
+    index = FIXTURES / "index.json"
+    if not index.is_file():
+        return []
+    return [case["id"] for case in json.loads(index.read_text())["cases"]]
