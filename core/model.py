@@ -1,0 +1,192 @@
+"""Stage: a contiguous slice of a LLaMA model's layers, optionally with the embedding in front and the
+output head behind, with its own KV cache. A full-model stage is the whole model in one process.
+
+Owns the forward pass (llama.cpp's LLM_ARCH_LLAMA graph in float32) over weights it loads from a
+ModelFile: only the tensors of its layers (plus token_embd / output_norm / output when asked). It must not
+know about MPI, tokenizers or sampling; core/pipeline.py chains stages across ranks.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+
+from .errors import TokenizerError
+from .kv_cache import KVCache
+from .loader import ModelFile
+from .ops import attention, rmsnorm, rope, rope_angles, swiglu
+from .quants import QTensor, dequantize, make_qtensor
+
+
+@dataclass
+class Block:
+    """One transformer layer's weights, named after their GGUF tensors."""
+    attn_norm: np.ndarray      # (n_embd,) f32
+    attn_q: QTensor            # (n_head * head_dim, n_embd)
+    attn_k: QTensor            # (n_head_kv * head_dim, n_embd)
+    attn_v: QTensor            # (n_head_kv * head_dim, n_embd)
+    attn_output: QTensor       # (n_embd, n_head * head_dim)
+    ffn_norm: np.ndarray       # (n_embd,) f32
+    ffn_gate: QTensor          # (n_ff, n_embd)
+    ffn_up: QTensor            # (n_ff, n_embd)
+    ffn_down: QTensor          # (n_embd, n_ff)
+
+
+class Stage:
+    """Layers [a, b) of a model (possibly none), with optional embedding and output head.
+
+    Args:
+        model: the opened file; only the tensors this stage needs are touched.
+        layers: range(a, b) with 0 <= a <= b <= n_layer, step 1.
+        embed: load token_embd for `embed()`.
+        head: load output_norm and output (token_embd when the output is tied) for `logits()`.
+        n_ctx: positions the KV cache holds.
+        threads: > 1 runs the matrix products on a thread pool of that size.
+    """
+
+    def __init__(self, model: ModelFile, layers: range, *, embed: bool, head: bool, n_ctx: int,
+                 threads: int = 1):
+        cfg = model.config
+        if layers.step != 1 or not 0 <= layers.start <= layers.stop <= cfg.n_layer:
+            raise ValueError(f"layer range {layers} is not a slice of the model's {cfg.n_layer} layers")
+        self.model, self.config, self.layers = model, cfg, layers
+        self.has_embed, self.has_head = embed, head
+        self._pool = ThreadPoolExecutor(max_workers=threads) if threads > 1 else None
+        self.token_embd = self._matrix("token_embd.weight") if embed or (head and cfg.tied_output) else None
+        self.output_norm = self._vector("output_norm.weight") if head else None
+        if head:
+            self.output = self.token_embd if cfg.tied_output else self._matrix("output.weight")
+        else:
+            self.output = None
+        self.blocks = [self._block(i) for i in layers]
+        self.freq_factors = (self._vector("rope_freqs.weight")
+                             if self.blocks and model.has("rope_freqs.weight") else None)
+        self.cache = KVCache(len(self.blocks), n_ctx, cfg.n_head_kv, cfg.head_dim)
+
+    # ---- loading -------------------------------------------------------------------------------
+    def _matrix(self, name: str) -> QTensor:
+        t = self.model.tensor(name)
+        shape = (int(t.shape[1]), int(t.shape[0]))                      # GGUF dims reversed: (n_out, n_in)
+        q = make_qtensor(t.tensor_type, t.data, shape)
+        self.model.release(name)                                         # repacked: drop the mapped pages
+        return q
+
+    def _vector(self, name: str) -> np.ndarray:
+        t = self.model.tensor(name)
+        if t.tensor_type == QT.F32:
+            return np.array(t.data, dtype=np.float32).reshape(-1)        # (n,) private copy
+        return dequantize(np.asarray(t.data).reshape(1, -1), t.tensor_type).reshape(-1)
+
+    def _block(self, i: int) -> Block:
+        return Block(**{name: (self._vector if name.endswith("norm") else self._matrix)(f"blk.{i}.{name}.weight")
+                        for name in Block.__dataclass_fields__})
+
+    # ---- state ---------------------------------------------------------------------------------
+    @property
+    def n_past(self) -> int:
+        """Positions cached (and the position the next `forward` must start at)."""
+        return self.cache.n_past
+
+    @property
+    def n_ctx(self) -> int:
+        return self.cache.n_ctx
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weights this stage holds in memory (after repacking; shared tied matrices once)."""
+        mats = {id(m): m for m in (self.token_embd, self.output) if m is not None}
+        vecs = [v for v in (self.output_norm, self.freq_factors) if v is not None]
+        for b in self.blocks:
+            for name in Block.__dataclass_fields__:
+                w = getattr(b, name)
+                if isinstance(w, np.ndarray):
+                    vecs.append(w)
+                else:
+                    mats[id(w)] = w
+        return sum(m.nbytes for m in mats.values()) + sum(v.nbytes for v in vecs)
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.cache.nbytes
+
+    def kv_clear(self) -> None:
+        self.cache.clear()
+
+    def kv_truncate(self, n: int) -> None:
+        """Keep the first n cached positions."""
+        self.cache.truncate(n)
+
+    def kv_shift(self, n_keep: int, n_discard: int) -> None:
+        """Drop positions [n_keep, n_keep + n_discard) and re-rotate the later keys (llama.cpp K-shift)."""
+        c = self.config
+        self.cache.shift(n_keep, n_discard, c.n_rot, c.rope_freq_base, c.rope_freq_scale, self.freq_factors)
+
+    def close(self) -> None:
+        """Stop the thread pool and drop the weights and the cache."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self.blocks, self.token_embd, self.output = [], None, None
+
+    # ---- compute -------------------------------------------------------------------------------
+    def embed(self, tokens) -> np.ndarray:
+        """Token ids (T,) -> embeddings (T, n_embd) f32."""
+        if self.token_embd is None:
+            raise ValueError("this stage was built without the token embedding (embed=False)")
+        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)             # (T,)
+        bad = ids[(ids < 0) | (ids >= self.config.n_vocab)]
+        if bad.size:
+            raise TokenizerError(f"token id {int(bad[0])} is out of range [0, {self.config.n_vocab})")
+        return np.ascontiguousarray(self.token_embd.get_rows(ids), dtype=np.float32)
+
+    def forward(self, h: np.ndarray, pos: int) -> np.ndarray:
+        """Run this stage's layers on h (T, n_embd) at positions pos..pos+T-1; cache their K/V.
+
+        Raises:
+            ValueError: pos differs from n_past.  ContextOverflowError: the positions exceed n_ctx.
+        """
+        c = self.config
+        h = np.array(h, dtype=np.float32, copy=True).reshape(-1, c.n_embd)   # (T, n_embd)
+        T = h.shape[0]
+        self.cache.check_room(pos, T)
+        cos, sin = rope_angles(np.arange(pos, pos + T), c.n_rot, c.rope_freq_base, c.rope_freq_scale,
+                               self.freq_factors)                        # (T, n_rot/2) each
+        for li, b in enumerate(self.blocks):
+            h = self._layer(li, b, h, pos, cos, sin)
+        self.cache.advance(T)
+        return h
+
+    def _layer(self, li: int, b: Block, h: np.ndarray, pos: int, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """One LLaMA block: pre-norm attention with RoPE and GQA, then pre-norm SwiGLU FFN, both residual."""
+        c, pool = self.config, self._pool
+        T = h.shape[0]
+        x = rmsnorm(h, b.attn_norm, c.norm_eps)                          # (T, n_embd)
+        q = b.attn_q.matmul(x, pool).reshape(T, c.n_head, c.head_dim)    # (T, n_head, head_dim)
+        k = b.attn_k.matmul(x, pool).reshape(T, c.n_head_kv, c.head_dim) # (T, n_head_kv, head_dim)
+        v = b.attn_v.matmul(x, pool).reshape(T, c.n_head_kv, c.head_dim)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        keys, values = self.cache.store(li, pos, k, v)                   # (n_head_kv, pos+T, head_dim) each
+        a = attention(q, keys, values, pos)                              # (T, n_head * head_dim)
+        h = h + b.attn_output.matmul(a, pool)                            # (T, n_embd)
+        x = rmsnorm(h, b.ffn_norm, c.norm_eps)                           # (T, n_embd)
+        f = swiglu(b.ffn_gate.matmul(x, pool), b.ffn_up.matmul(x, pool)) # (T, n_ff)
+        return h + b.ffn_down.matmul(f, pool)                            # (T, n_embd)
+
+    def logits(self, h: np.ndarray) -> np.ndarray:
+        """Final RMSNorm and LM head: h (T, n_embd) -> (T, n_vocab) f32."""
+        if self.output is None:
+            raise ValueError("this stage was built without the output head (head=False)")
+        h = np.asarray(h, dtype=np.float32).reshape(-1, self.config.n_embd)
+        x = rmsnorm(h, self.output_norm, self.config.norm_eps)          # (T, n_embd)
+        return self.output.matmul(x, self._pool)                         # (T, n_vocab)
+
+    def eval(self, tokens, pos: int, all_logits: bool = False) -> np.ndarray:
+        """Embed, run every layer, and return the logits: (n_vocab,) for the last token, or (T, n_vocab)."""
+        if self.token_embd is None or self.output is None or len(self.layers) != self.config.n_layer:
+            raise ValueError("eval() needs a full-model stage (all layers, embed=True, head=True)")
+        h = self.forward(self.embed(tokens), pos)                        # (T, n_embd)
+        if not all_logits:
+            return self.logits(h[-1:])[0]                                # (n_vocab,)
+        return self.logits(h)                                            # (T, n_vocab)

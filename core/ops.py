@@ -1,0 +1,110 @@
+"""The float32 math of one LLaMA block, as small pure numpy kernels (no state, no I/O, no weights).
+
+Each kernel follows what llama.cpp's CPU backend computes (ggml-cpu ops.cpp), in float32 with the few
+float64 accumulations ggml itself uses (RMSNorm's sum of squares, softmax's sum). Weight matrices and
+the KV cache live elsewhere (core/quants, core/kv_cache); this module must not import them.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """RMSNorm over the last axis: x / sqrt(mean(x^2) + eps) * weight.
+
+    Like ggml_compute_forward_rms_norm_f32: the sum of squares of float32 products is accumulated in
+    float64, the mean is rounded to float32, and the scale 1/sqrt(mean + eps) is a float32 value.
+    """
+    x = np.asarray(x, dtype=np.float32)                                  # (T, n)
+    sq = (x * x).astype(np.float64)                                      # (T, n) f32 products, f64 sum
+    mean = (sq.sum(axis=-1, keepdims=True) / x.shape[-1]).astype(np.float32)   # (T, 1)
+    scale = (np.float32(1.0) / np.sqrt(mean + np.float32(eps))).astype(np.float32)
+    return (x * scale) * weight                                          # (T, n)
+
+
+def rope_angles(positions: np.ndarray, n_rot: int, freq_base: float, freq_scale: float = 1.0,
+                freq_factors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of RoPE's angles for each position and each rotated pair: two (P, n_rot // 2) f32.
+
+    ggml's rope cache: theta_0 = pos, theta_{i+1} = theta_i * base^(-2/n_rot) (a float32 running
+    product), then theta * freq_scale (linear scaling) and / freq_factors[i] when the model has them.
+    """
+    theta_scale = np.float32(np.power(np.float32(freq_base), np.float32(-2.0) / np.float32(n_rot)))
+    theta = np.asarray(positions, dtype=np.float32).copy()               # (P,)
+    cols = []
+    for _ in range(n_rot // 2):
+        cols.append(theta.copy())
+        theta = (theta * theta_scale).astype(np.float32)
+    angles = np.stack(cols, axis=-1)                                     # (P, n_rot // 2)
+    if freq_factors is not None:
+        angles = (angles / np.asarray(freq_factors, dtype=np.float32)).astype(np.float32)
+    angles = (np.float32(freq_scale) * angles).astype(np.float32)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of the first n_rot dims of every head (GGUF "normal" RoPE).
+
+    Args:
+        x: (T, n_heads, head_dim) float32.
+        cos, sin: (T, n_rot // 2) float32 from rope_angles; dims past n_rot pass through unchanged.
+    Returns:
+        (T, n_heads, head_dim) float32, a new array.
+    """
+    n_rot = 2 * cos.shape[-1]
+    out = np.array(x, dtype=np.float32, copy=True)                      # (T, H, D)
+    x0 = x[..., 0:n_rot:2]                                               # (T, H, n_rot/2)
+    x1 = x[..., 1:n_rot:2]
+    c = cos[:, None, :]                                                  # (T, 1, n_rot/2)
+    s = sin[:, None, :]
+    out[..., 0:n_rot:2] = x0 * c - x1 * s
+    out[..., 1:n_rot:2] = x0 * s + x1 * c
+    return out
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax in float32; the normalising sum is accumulated in float64 (as ggml)."""
+    x = np.asarray(x, dtype=np.float32)
+    e = np.exp(x - x.max(axis=axis, keepdims=True))                      # f32; exp(-inf) = 0 for masks
+    total = e.sum(axis=axis, keepdims=True, dtype=np.float64)
+    return e * (1.0 / total).astype(np.float32)
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    """x * sigmoid(x) in float32."""
+    x = np.asarray(x, dtype=np.float32)
+    with np.errstate(over="ignore"):
+        return x / (np.float32(1.0) + np.exp(-x))
+
+
+def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """SwiGLU's hidden activation: silu(gate) * up, both (T, n_ff) float32."""
+    return silu(gate) * up
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: int) -> np.ndarray:
+    """Causal grouped-query attention of T new queries over L = pos + T cached positions.
+
+    Args:
+        q: (T, n_head, head_dim) float32, already rotated; query t sits at position pos + t.
+        k: (n_head_kv, L, head_dim) float32, the cache's keys for positions 0..L-1 (rotated).
+        v: (n_head_kv, L, head_dim) float32.
+        pos: position of the first query.
+    Returns:
+        (T, n_head * head_dim) float32; query head h reads KV head h // (n_head // n_head_kv), as ggml's
+        broadcasting mul_mat does. Scores are scaled by 1/sqrt(head_dim) and masked to keys <= position.
+    """
+    T, n_head, head_dim = q.shape
+    n_head_kv, L, _ = k.shape
+    n_gqa = n_head // n_head_kv
+    # (n_head_kv, n_gqa * T, head_dim): the query heads sharing one KV head, stacked head-major.
+    qg = q.reshape(T, n_head_kv, n_gqa, head_dim).transpose(1, 2, 0, 3).reshape(n_head_kv, n_gqa * T, head_dim)
+    scores = np.matmul(qg, k.transpose(0, 2, 1))                         # (n_head_kv, n_gqa*T, L)
+    scores *= np.float32(1.0 / np.sqrt(head_dim))
+    q_pos = np.tile(np.arange(pos, pos + T), n_gqa)                      # (n_gqa*T,) row -> position
+    masked = np.arange(L)[None, :] > q_pos[:, None]                      # (n_gqa*T, L) future keys
+    scores[:, masked] = -np.inf
+    probs = softmax(scores, axis=-1)                                     # (n_head_kv, n_gqa*T, L)
+    out = np.matmul(probs, v)                                            # (n_head_kv, n_gqa*T, head_dim)
+    out = out.reshape(n_head_kv, n_gqa, T, head_dim).transpose(2, 0, 1, 3)   # (T, n_head_kv, n_gqa, D)
+    return np.ascontiguousarray(out.reshape(T, n_head * head_dim), dtype=np.float32)
