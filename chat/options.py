@@ -1,0 +1,363 @@
+"""Command line -> frozen `ChatOptions`: llama.cpp `main`'s flags (late 2023) plus the cluster's own.
+
+Owns: the flag table, defaults, legal ranges, `--foo_bar` aliases and the options file (a single positional
+argument naming a file whose text is parsed like the command line, with shell quoting). It reads no other
+file (prompt and script files are read later, on rank 0 only) and never prints: every problem is a
+`UsageError` whose str() is one line naming the option, the bad value and the legal range.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shlex
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from core.errors import UsageError
+
+DEFAULT_N_CTX = 512        # -c; 0 = the model's training context
+DEFAULT_N_BATCH = 512      # -b; tokens per evaluation call while consuming queued input
+MAX_SEED = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    # model and cluster
+    model: str | None = None                  # -m; None = the demo model (see chat/cli.py)
+    np: int | None = None                     # --np N: spawn mode with N ranks (head included)
+    hostfile: str | None = None               # --hostfile F: hosts for spawned workers
+    mpi_layer_split: list[float] | None = None  # --mpi-layer-split w0,w1,...: one weight per rank
+    threads: int = 1                          # -t: compute threads per rank
+    n_ctx: int = DEFAULT_N_CTX                # -c
+    n_batch: int = DEFAULT_N_BATCH            # -b
+    # prompt and modes
+    prompt: str = ""                          # -p (escapes already processed when -e)
+    prompt_file: str | None = None            # -f: read on rank 0 (one trailing newline stripped)
+    prompt_vars: tuple[tuple[str, str], ...] = ()  # --prompt-var NAME=VALUE fills [[NAME]]
+    escape: bool = False                      # -e
+    interactive: bool = False                 # -i
+    interactive_first: bool = False           # --interactive-first
+    instruct: bool = False                    # -ins / --instruct
+    reverse_prompts: tuple[str, ...] = ()     # -r (repeatable)
+    input_prefix: str = ""                    # --in-prefix
+    input_suffix: str = ""                    # --in-suffix
+    input_prefix_bos: bool = False            # --in-prefix-bos
+    multiline_input: bool = False             # --multiline-input
+    n_predict: int = -1                       # -n: -1 = until EOS/stop, -2 = until the context is full
+    n_keep: int = 0                           # --keep: -1 = the whole prompt
+    ignore_eos: bool = False                  # --ignore-eos
+    verbose_prompt: bool = False              # --verbose-prompt
+    seed: int = -1                            # -s: -1 = from the clock
+    # sampling (llama.cpp main's late-2023 defaults)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # -l ID+BIAS / ID-BIAS (repeatable)
+    repeat_last_n: int = 64
+    repeat_penalty: float = 1.1
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    penalize_nl: bool = True
+    top_k: int = 40
+    tfs_z: float = 1.0
+    typical_p: float = 1.0
+    top_p: float = 0.95
+    min_p: float = 0.05
+    temp: float = 0.8
+    mirostat: int = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    # terminal, scripts, transcripts
+    color: bool = False                       # --color (NO_COLOR in the environment wins)
+    simple_io: bool = False                   # --simple-io: plain line reader even on a terminal
+    script: str | None = None                 # --script FILE: replay user turns
+    transcript: str | None = None             # --transcript OUT.md
+    # where the options came from (chat/launch.py reads file_argv for node-local overrides)
+    options_file: str | None = None
+    file_argv: tuple[str, ...] = ()
+    demo: bool = field(default=False)         # no -m given: the demo model and demo defaults are in use
+
+    @property
+    def is_interactive(self) -> bool:
+        """-i, --interactive-first, -ins and --script all make the session interactive (as in main)."""
+        return self.interactive or self.interactive_first or self.instruct or self.script is not None
+
+
+# ---------------------------------------------------------------------------------------------------
+# value checkers: each returns the converted value or raises UsageError naming the option and the range
+
+def _int(opt: str, lo: int | None = None, hi: int | None = None, legal: str = ""):
+    def conv(text: str) -> int:
+        try:
+            value = int(text, 0) if text.strip().lower().startswith(("0x", "-0x")) else int(text)
+        except ValueError:
+            raise UsageError(f"{opt}: '{text}' is not an integer") from None
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            rng = legal or _range_text(lo, hi)
+            raise UsageError(f"{opt} {value} is out of range: {rng}")
+        return value
+    return conv
+
+
+def _float(opt: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False, legal: str = ""):
+    def conv(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise UsageError(f"{opt}: '{text}' is not a number") from None
+        bad = math.isnan(value) or math.isinf(value)
+        bad = bad or (lo is not None and (value <= lo if lo_open else value < lo))
+        bad = bad or (hi is not None and value > hi)
+        if bad:
+            rng = legal or _range_text(lo, hi, lo_open)
+            raise UsageError(f"{opt} {text} is out of range: {rng}")
+        return value
+    return conv
+
+
+def _range_text(lo, hi, lo_open: bool = False) -> str:
+    if lo is not None and hi is not None:
+        return f"must be in {'(' if lo_open else '['}{lo}, {hi}]"
+    if lo is not None:
+        return f"must be {'>' if lo_open else '>='} {lo}"
+    return f"must be <= {hi}"
+
+
+def _logit_bias(text: str) -> tuple[int, float]:
+    """`ID+BIAS` or `ID-BIAS` (llama.cpp's -l syntax; `-inf` bans a token)."""
+    for i, ch in enumerate(text):
+        if ch in "+-" and i > 0:
+            try:
+                token = int(text[:i])
+                bias = float(text[i + 1:])
+            except ValueError:
+                break
+            if math.isnan(bias):
+                break
+            return token, (-bias if ch == "-" else bias)
+    raise UsageError(f"-l/--logit-bias: '{text}' is not TOKEN_ID+BIAS or TOKEN_ID-BIAS (e.g. 15043+1, 2-inf)")
+
+
+def _layer_split(text: str) -> list[float]:
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--mpi-layer-split: '{text}' is not a comma-separated list of numbers") from None
+    if not weights or any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise UsageError(f"--mpi-layer-split: '{text}' must be non-negative weights with a positive sum")
+    return weights
+
+
+def _prompt_var(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name or not name.replace("_", "").isalnum():
+        raise UsageError(f"--prompt-var: '{text}' is not NAME=VALUE (NAME: letters, digits, _)")
+    return name, value
+
+
+# ---------------------------------------------------------------------------------------------------
+# the flag table
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own errors (missing value, bad choice): one line
+        raise UsageError(message)
+
+
+def _build_parser() -> _Parser:
+    p = _Parser(prog="llama-mpi", allow_abbrev=False, add_help=True,
+                description="Chat with a LLaMA-family GGUF model split by layers across an MPI cluster.",
+                epilog="A single positional FILE is an options file: its text is parsed like the command "
+                       "line (shell quoting, # comments); options given on the command line win.")
+    a = p.add_argument
+    g = p.add_argument_group("model and cluster")
+    g.add_argument("-m", "--model", metavar="FILE", help="GGUF model (default: the demo model)")
+    g.add_argument("--np", type=_int("--np", 1), metavar="N", help="spawn mode: run on N ranks (head included)")
+    g.add_argument("--hostfile", metavar="FILE", help="hosts for spawned workers (see hostsfile.example)")
+    g.add_argument("--mpi-layer-split", type=_layer_split, metavar="W0,W1,..",
+                   help="relative share of layers per rank, head first (default: equal)")
+    g.add_argument("-t", "--threads", type=_int("-t/--threads", 1), default=1, metavar="N")
+    g.add_argument("-c", "--ctx-size", dest="n_ctx", type=_int("-c/--ctx-size", 0), default=DEFAULT_N_CTX,
+                   metavar="N", help="context size (default 512, 0 = the model's)")
+    g.add_argument("-b", "--batch-size", dest="n_batch", type=_int("-b/--batch-size", 1),
+                   default=DEFAULT_N_BATCH, metavar="N")
+
+    g = p.add_argument_group("prompt and modes")
+    g.add_argument("-p", "--prompt", metavar="TEXT")
+    g.add_argument("-f", "--file", dest="prompt_file", metavar="FILE", help="read the prompt from FILE")
+    g.add_argument("--prompt-var", dest="prompt_vars", action="append", type=_prompt_var, default=[],
+                   metavar="NAME=VALUE", help="fill [[NAME]] in the prompt, -r, --in-prefix/--in-suffix")
+    g.add_argument("-e", "--escape", action="store_true", help="process \\n, \\t, \\xNN ... in prompts and input")
+    g.add_argument("-i", "--interactive", action="store_true")
+    g.add_argument("--interactive-first", action="store_true", help="wait for input before generating")
+    g.add_argument("-ins", "--instruct", action="store_true", help="Alpaca instruction mode")
+    g.add_argument("-r", "--reverse-prompt", dest="reverse_prompts", action="append", default=[],
+                   metavar="TEXT", help="hand control back when TEXT is generated (repeatable)")
+    g.add_argument("--in-prefix", dest="input_prefix", default="", metavar="TEXT")
+    g.add_argument("--in-suffix", dest="input_suffix", default="", metavar="TEXT")
+    g.add_argument("--in-prefix-bos", dest="input_prefix_bos", action="store_true")
+    g.add_argument("--multiline-input", action="store_true", help="Enter continues, a final \\ submits")
+    g.add_argument("-n", "--n-predict", dest="n_predict", type=_int("-n/--n-predict", -2), default=-1,
+                   metavar="N", help="tokens to predict (-1 = until EOS, -2 = until the context is full)")
+    g.add_argument("--keep", dest="n_keep", type=_int("--keep", -1), default=0, metavar="N",
+                   help="prompt tokens kept when the context shifts (-1 = all)")
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--verbose-prompt", action="store_true")
+    g.add_argument("-s", "--seed", type=_int("-s/--seed", -1, MAX_SEED), default=-1, metavar="N")
+
+    g = p.add_argument_group("sampling (applied in this order)")
+    g.add_argument("-l", "--logit-bias", dest="logit_bias", action="append", type=_logit_bias, default=[],
+                   metavar="ID(+|-)BIAS")
+    g.add_argument("--repeat-last-n", type=_int("--repeat-last-n", -1), default=64, metavar="N",
+                   help="(-1 = the context size, 0 = off)")
+    g.add_argument("--repeat-penalty", type=_float("--repeat-penalty", 0.0, lo_open=True), default=1.1)
+    g.add_argument("--frequency-penalty", type=_float("--frequency-penalty", -2.0, 2.0), default=0.0)
+    g.add_argument("--presence-penalty", type=_float("--presence-penalty", -2.0, 2.0), default=0.0)
+    g.add_argument("--no-penalize-nl", dest="penalize_nl", action="store_false")
+    g.add_argument("--top-k", type=_int("--top-k", 0), default=40, metavar="N", help="(0 = off)")
+    g.add_argument("--tfs", dest="tfs_z", type=_float("--tfs", 0.0, 1.0, lo_open=True), default=1.0)
+    g.add_argument("--typical", dest="typical_p", type=_float("--typical", 0.0, 1.0, lo_open=True), default=1.0)
+    g.add_argument("--top-p", type=_float("--top-p", 0.0, 1.0), default=0.95)
+    g.add_argument("--min-p", type=_float("--min-p", 0.0, 1.0), default=0.05)
+    g.add_argument("--temp", type=_float("--temp", 0.0), default=0.8, help="(0 = greedy)")
+    g.add_argument("--mirostat", type=_int("--mirostat", 0, 2, legal="must be 0 (off), 1 or 2"), default=0)
+    g.add_argument("--mirostat-lr", dest="mirostat_eta", type=_float("--mirostat-lr", 0.0, lo_open=True),
+                   default=0.1)
+    g.add_argument("--mirostat-ent", dest="mirostat_tau", type=_float("--mirostat-ent", 0.0), default=5.0)
+
+    g = p.add_argument_group("terminal, scripts and transcripts")
+    g.add_argument("--color", action="store_true", help="colour prompt, input and errors (NO_COLOR wins)")
+    g.add_argument("--simple-io", action="store_true", help="plain line input even on a terminal")
+    g.add_argument("--script", metavar="FILE", help="replay user turns from FILE (blank line between turns)")
+    g.add_argument("--transcript", metavar="OUT.md", help="write the conversation to OUT.md at exit")
+    a("options_file", nargs="?", metavar="FILE", help="options file (command-line syntax)")
+    return p
+
+
+_PARSER = _build_parser()
+_LONG_FLAGS = frozenset(s for act in _PARSER._actions for s in act.option_strings if s.startswith("--"))
+
+
+def _normalise(argv: list[str]) -> list[str]:
+    """Accept `--foo_bar` for `--foo-bar` (also in `--foo_bar=value`), as llama.cpp does."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--") and "_" in arg:
+            name, eq, value = arg.partition("=")
+            alias = name.replace("_", "-")
+            if alias in _LONG_FLAGS:
+                arg = alias + eq + value
+        out.append(arg)
+    return out
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    ns, rest = _PARSER.parse_known_args(argv)
+    for arg in rest:
+        if arg.startswith("-") and arg != "-":
+            raise UsageError(f"unknown option {arg.split('=')[0]} (see --help)")
+        raise UsageError(f"unexpected argument '{arg}' (only one options file may be given)")
+    return ns
+
+
+def read_options_file(path: str) -> list[str]:
+    """The options file's arguments, split like a shell command line (comments allowed)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"options file '{path}' not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"options file '{path}' cannot be read: {exc}") from None
+    try:
+        return shlex.split(text, comments=True)
+    except ValueError as exc:
+        raise UsageError(f"options file '{path}': {exc}") from None
+
+
+def process_escapes(text: str) -> str:
+    r"""llama.cpp's process_escapes: \n \r \t \' \" \\ and \xNN (a byte); other backslashes stay.
+
+    Works on the UTF-8 bytes like the C++ original, so `\xe2\x96\x81` becomes one character.
+    """
+    raw = text.encode("utf-8")
+    simple = {ord("n"): b"\n", ord("r"): b"\r", ord("t"): b"\t", ord("'"): b"'", ord('"'): b'"',
+              ord("\\"): b"\\"}
+    out = bytearray()
+    i = 0
+    while i < len(raw):
+        if raw[i] == ord("\\") and i + 1 < len(raw):
+            nxt = raw[i + 1]
+            if nxt in simple:
+                out += simple[nxt]
+                i += 2
+                continue
+            hex_digits = raw[i + 2:i + 4]
+            if nxt == ord("x") and len(hex_digits) == 2 and all(c in b"0123456789abcdefABCDEF" for c in hex_digits):
+                out.append(int(hex_digits, 16))
+                i += 4
+                continue
+        out.append(raw[i])
+        i += 1
+    return out.decode("utf-8", errors="replace")
+
+
+def parse_options(argv: list[str]) -> ChatOptions:
+    """argv (without the program name) -> ChatOptions.
+
+    Raises:
+        UsageError: unknown option, bad or out-of-range value, unreadable options file, conflicting flags.
+    """
+    argv = _normalise(list(argv))
+    ns = _parse(argv)
+    file_argv: list[str] = []
+    if ns.options_file is not None:
+        file_argv = _normalise(read_options_file(ns.options_file))
+        file_ns = _parse(file_argv)
+        if file_ns.options_file is not None:
+            raise UsageError(f"options file '{ns.options_file}' names another options file "
+                             f"'{file_ns.options_file}'")
+        ns = _parse(file_argv + [a for a in argv if a != ns.options_file])
+        ns.options_file = file_ns.options_file or ns.options_file
+    return _to_options(ns, tuple(file_argv))
+
+
+def _to_options(ns: argparse.Namespace, file_argv: tuple[str, ...]) -> ChatOptions:
+    if ns.prompt is not None and ns.prompt_file is not None:
+        raise UsageError("-p/--prompt and -f/--file both given: use one")
+    values = {f.name: getattr(ns, f.name) for f in fields(ChatOptions) if hasattr(ns, f.name)}
+    values["prompt"] = ns.prompt or ""
+    values["reverse_prompts"] = tuple(ns.reverse_prompts)
+    values["prompt_vars"] = tuple(ns.prompt_vars)
+    values["logit_bias"] = tuple(ns.logit_bias)
+    values["file_argv"] = file_argv
+    values["demo"] = ns.model is None
+    opts = ChatOptions(**values)
+    if opts.escape:
+        opts = replace(opts, prompt=process_escapes(opts.prompt),
+                       input_prefix=process_escapes(opts.input_prefix),
+                       input_suffix=process_escapes(opts.input_suffix),
+                       reverse_prompts=tuple(process_escapes(r) for r in opts.reverse_prompts))
+    if opts.transcript is not None and not Path(opts.transcript).parent.is_dir():
+        raise UsageError(f"--transcript: folder '{Path(opts.transcript).parent}' does not exist")
+    if opts.mpi_layer_split is not None and opts.np is not None and len(opts.mpi_layer_split) != opts.np:
+        raise UsageError(f"--mpi-layer-split has {len(opts.mpi_layer_split)} weights but --np is {opts.np}: "
+                         "give one weight per rank")
+    return opts
+
+
+def fill_prompt_vars(text: str, prompt_vars: tuple[tuple[str, str], ...], what: str) -> str:
+    """Replace `[[NAME]]` by its --prompt-var value; a placeholder left without a value is an error."""
+    for name, value in prompt_vars:
+        text = text.replace(f"[[{name}]]", value)
+    start = text.find("[[")
+    if start >= 0 and "]]" in text[start:]:
+        name = text[start + 2:text.index("]]", start)]
+        if name and name.replace("_", "").isalnum():
+            raise UsageError(f"{what}: placeholder [[{name}]] has no value; pass --prompt-var {name}=...")
+    return text
+
+
+def help_text() -> str:
+    return _PARSER.format_help()
+
+
+def env_no_color() -> bool:
+    """NO_COLOR set to anything non-empty disables colour (https://no-color.org)."""
+    return bool(os.environ.get("NO_COLOR"))
