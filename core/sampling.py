@@ -95,6 +95,12 @@ class SamplingParams:
             if getattr(self, name) < 0.0:
                 raise _bad(name, ">= 0.0", getattr(self, name))
 
+    @classmethod
+    def from_namespace(cls, options: object) -> SamplingParams:
+        """Build from any object with attributes of the same names (e.g. chat's ChatOptions);
+        absent attributes keep their defaults. `--ignore-eos` and `--seed` stay with the caller."""
+        return cls(**{f.name: getattr(options, f.name) for f in fields(cls) if hasattr(options, f.name)})
+
     def with_logit_bias(self, token: int, bias: float) -> SamplingParams:
         """A copy with `bias` on `token`, replacing any earlier bias on it (llama.cpp's map assign).
 

@@ -74,6 +74,13 @@ def test_logit_bias_id_checked_against_vocab_and_seed_checked():
         Sampler(SamplingParams(), n_vocab=10, seed=-1)
 
 
+def test_from_namespace_reads_same_named_attributes():
+    class Options:  # stands for chat's ChatOptions: extra attributes are ignored, absent ones default
+        temp, top_k, logit_bias, model = 0.0, 5, ((1, -1.0),), "m.gguf"
+    p = SamplingParams.from_namespace(Options())
+    assert (p.temp, p.top_k, p.logit_bias, p.top_p) == (0.0, 5, ((1, -1.0),), 0.95)
+
+
 def test_limits_are_legal_and_params_are_frozen():
     SamplingParams(top_p=0.0, min_p=1.0, tfs_z=0.0, typical_p=0.0, repeat_last_n=-1, temp=-1.0,
                    top_k=-5, frequency_penalty=-2.0, logit_bias=[[3, -math.inf]])
