@@ -288,12 +288,14 @@ def mirostat_v1(ids: np.ndarray, logits: np.ndarray, tau: float, eta: float, mu:
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         t = np.log(np.arange(2, n + 2) / np.arange(1, n + 1))   # (n,) log((i+2)/(i+1))
         b = np.log(p[:n] / p[1:n + 1])                           # (n,) log(p_i / p_i+1)
-        s_hat = float(np.sum(t * b) / np.sum(t * t))
+        # numpy scalars so that 0/0, x/0 and overflow give nan/inf instead of raising
+        s_hat = np.sum(t * b) / np.sum(t * t)                    # inf if a p_i+1 is 0 (a banned token)
         eps = s_hat - 1.0
-        k = float(np.power(eps * 2.0 ** mu / (1.0 - float(n_vocab) ** -eps), 1.0 / s_hat))
-    # C++ int(k) of NaN is INT_MIN on x86, clamped to 1 by top-k; a huge k keeps everything.
-    k_int = 1 if math.isnan(k) else int(min(k, len(ids)))
-    ids, logits = apply_top_k(ids, logits, max(k_int, 1), 1)
+        k = float(np.power(eps * np.exp2(np.float64(mu)) / (1.0 - np.float64(n_vocab) ** -eps),
+                           1.0 / s_hat))
+    # C++ int(k) of NaN (or of -inf) is INT_MIN on x86, clamped to 1 by top-k; a huge k keeps all.
+    k_int = 1 if math.isnan(k) or k < 1.0 else int(min(k, len(ids)))
+    ids, logits = apply_top_k(ids, logits, k_int, 1)
     probs = softmax(logits)
     i = draw(probs, rng)
     surprise = -math.log2(probs[i])

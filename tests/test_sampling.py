@@ -320,6 +320,17 @@ def test_mirostat_v1_top_k_from_zipf_estimate():
     assert seen == {0, 1}
 
 
+@pytest.mark.parametrize("mirostat", [1, 2])
+def test_mirostat_survives_banned_and_degenerate_candidates(mirostat):
+    # a banned token (p 0) among the top m makes ln(p_i / p_i+1) infinite: s_hat = inf, k = 1 -> greedy
+    logits = np.log(np.array([0.5, 0.3, 0.2], dtype=np.float32))
+    s = Sampler(SamplingParams(temp=1.0, mirostat=mirostat, logit_bias=((0, -math.inf),)), 3, seed=0)
+    assert s.sample(logits) in (1, 2) and math.isfinite(s.mu)
+    # a one-token vocabulary (0/0 estimate) and a flat distribution (s_hat = 0) still return a token
+    assert Sampler(SamplingParams(mirostat=mirostat), 1, seed=0).sample(np.zeros(1, np.float32)) == 0
+    assert 0 <= Sampler(SamplingParams(mirostat=mirostat), 5, seed=0).sample(np.zeros(5, np.float32)) < 5
+
+
 def test_mirostat_applies_temperature_first():
     # temp .5 squares p = [.5, .25, .25] -> [4, 1, 1] / 6: surprise log2 1.5 = .585, log2 6 = 2.585
     # tau .75 -> mu 1.5 keeps t0 alone; mu = 1.5 - .1 * (0 - .75) = 1.575 (as without temperature),
