@@ -79,6 +79,13 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"{path}: head counts do not fit: n_embd {n_embd}, n_head {n_head}, n_head_kv {n_head_kv}")
         head_dim = int(opt(Keys.Attention.KEY_LENGTH, n_embd // n_head))
+        value_dim = int(opt(Keys.Attention.VALUE_LENGTH, head_dim))
+        if value_dim != head_dim:
+            raise UnsupportedModelError(
+                f"{path}: key length {head_dim} differs from value length {value_dim}; not a llama graph")
+        n_rot = int(opt(Keys.Rope.DIMENSION_COUNT, head_dim))
+        if n_rot <= 0 or n_rot % 2 or n_rot > head_dim:
+            raise UnsupportedModelError(f"{path}: rope dimension count {n_rot} does not fit head size {head_dim}")
         scaling = opt(Keys.Rope.SCALING_TYPE, "none")
         factor = float(opt(Keys.Rope.SCALING_FACTOR, 0.0))
         if scaling not in ("none", "linear"):
@@ -95,7 +102,7 @@ class ModelConfig:
             n_head=n_head,
             n_head_kv=n_head_kv,
             head_dim=head_dim,
-            n_rot=int(opt(Keys.Rope.DIMENSION_COUNT, head_dim)),
+            n_rot=n_rot,
             rope_freq_base=float(opt(Keys.Rope.FREQ_BASE, DEFAULT_ROPE_FREQ_BASE)),
             rope_freq_scale=1.0 / factor if factor > 0 else 1.0,
             norm_eps=float(opt(Keys.Attention.LAYERNORM_RMS_EPS, DEFAULT_RMS_EPS)),

@@ -154,7 +154,10 @@ class ModelFile:
         embd = self._tensors.get("token_embd.weight")
         if embd is None:
             raise ModelFileError(f"{path}: tensor 'token_embd.weight' is missing")
-        self.config = ModelConfig.from_fields(self.get, has_output, int(embd.shape[-1]), str(path))
+        try:
+            self.config = ModelConfig.from_fields(self.get, has_output, int(embd.shape[-1]), str(path))
+        except (TypeError, ValueError) as exc:                          # e.g. a list where a number belongs
+            raise ModelFileError(f"{path}: unusable hyper-parameter metadata: {exc}") from None
         self._check_tensors()
 
     def get(self, key: str, default: Any = None) -> Any:

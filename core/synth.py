@@ -15,7 +15,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGUFWriter, GGMLQuantizationType as QT, LlamaFileType, TokenType
+from gguf import (GGML_QUANT_SIZES, GGUFWriter, GGMLQuantizationType as QT, LlamaFileType, RopeScalingType,
+                  TokenType)
 from gguf.quants import dequantize as gguf_dequantize
 
 from .errors import LlamaMpiError, UsageError
@@ -166,7 +167,8 @@ def _nbytes(shape: tuple[int, ...], qtype: QT) -> int:
 
 
 def write_synthetic(path: str | Path, preset: str = "tiny", qtype: str = "f32", n_layer: int | None = None,
-                    seed: int = 0, **overrides: int) -> Path:
+                    seed: int = 0, *, tied_output: bool = False, rope_freq_base: float = 10000.0,
+                    rope_scaling_factor: float | None = None, **overrides: int) -> Path:
     """Write a random LLaMA GGUF and return its path.
 
     Args:
@@ -175,6 +177,9 @@ def write_synthetic(path: str | Path, preset: str = "tiny", qtype: str = "f32", 
         qtype: weight type of every matrix (a key of TYPES); 1-D norms are always F32.
         n_layer: override the preset's layer count.
         seed: the same arguments and seed give byte-identical files.
+        tied_output: leave out output.weight (the LM head is token_embd, as in Llama 3.2 1B).
+        rope_freq_base: rope theta (1e6 like CodeLlama, 500000 like Llama 3).
+        rope_scaling_factor: write linear RoPE scaling with this factor (positions / factor).
         overrides: any other Shape field (n_embd, n_ff, n_head, n_head_kv, n_vocab, n_ctx).
     Raises:
         UsageError: unknown preset or type, or shapes the type cannot encode.
@@ -193,9 +198,12 @@ def write_synthetic(path: str | Path, preset: str = "tiny", qtype: str = "f32", 
         raise UsageError(f"bad shape {shape}: n_head must divide n_embd and be a multiple of n_head_kv")
     path = Path(path)
     rng = np.random.default_rng(seed)
-    plan = _tensor_plan(shape, ggml_type)
+    plan = [t for t in _tensor_plan(shape, ggml_type) if not (tied_output and t[0] == "output.weight")]
     w = GGUFWriter(path, "llama")
-    _add_metadata(w, shape, f"synthetic-{preset}-{qtype}", file_type)
+    _add_metadata(w, shape, f"synthetic-{preset}-{qtype}", file_type, rope_freq_base)
+    if rope_scaling_factor is not None:
+        w.add_rope_scaling_type(RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope_scaling_factor)
     for name, tshape, t, _ in plan:
         w.add_tensor_info(name, tshape, np.dtype(np.float32), _nbytes(tshape, t), raw_dtype=t)
     w.write_header_to_file()
@@ -213,7 +221,7 @@ def write_synthetic(path: str | Path, preset: str = "tiny", qtype: str = "f32", 
     return path
 
 
-def _add_metadata(w: GGUFWriter, s: Shape, name: str, file_type: int) -> None:
+def _add_metadata(w: GGUFWriter, s: Shape, name: str, file_type: int, rope_freq_base: float) -> None:
     w.add_name(name)
     w.add_file_type(int(file_type))
     w.add_quantization_version(2)
@@ -224,7 +232,7 @@ def _add_metadata(w: GGUFWriter, s: Shape, name: str, file_type: int) -> None:
     w.add_head_count(s.n_head)
     w.add_head_count_kv(s.n_head_kv)
     w.add_rope_dimension_count(s.n_embd // s.n_head)
-    w.add_rope_freq_base(10000.0)
+    w.add_rope_freq_base(rope_freq_base)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(s.n_vocab)
     tokens, scores, types = spm_vocab(s.n_vocab)
