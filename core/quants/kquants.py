@@ -1,0 +1,194 @@
+"""GGML's 256-element super-block formats: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and IQ4_XS.
+
+Owns: each format's byte layout (documented beside it), its load-time repacking into the k-major layout
+of layout.py (6-bit / 4-bit sub-block scales unpacked to one byte each, f16 fields to float32), and the
+unpacking of a tile's codes, scales and mins.
+Must not: do any matrix arithmetic (qtensor.py does), or keep a reference to the memory-mapped file.
+
+A super-block holds 256 weights in sub-blocks of 16 or 32 weights, each with its own small integer scale
+(and min) multiplied by the super-block's f16 `d` (and `dmin`). The effective scale S = d * sc is formed
+per tile in float32 exactly as gguf-py does, so dequantization stays bit-exact.
+"""
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+
+from .layout import BlockFormat, crumbs, f16_field, or_bit, split_nibbles
+from .legacy import lut_codes
+
+
+def _scale_min_k4(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 12 packed bytes of Q4_K/Q5_K scales (nb, 12, N) -> 6-bit (sc, m), each (nb, 8, N) uint8.
+    Bytes 0-3: sc[0..3] low 6 bits (top 2 bits: sc[4..7] high bits); 4-7: m[0..3] likewise for m[4..7];
+    8-11: sc[4..7] low nibble | m[4..7] high nibble."""
+    d, m, md = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = np.concatenate([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], axis=1)
+    mn = np.concatenate([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=1)
+    return sc, mn
+
+
+def _d_times(p: dict, key: str, small: np.ndarray, u0: int, u1: int, r0: int, r1: int) -> np.ndarray:
+    """p[key][u, r] * small[u, s, r] in float32 -> (U*nsub, R): the effective sub-block scales."""
+    d = p[key][u0:u1, None, r0:r1]                              # (U, 1, R)
+    return (d * small.astype(np.float32)).reshape(-1, r1 - r0)
+
+
+class Q2_K(BlockFormat):
+    """84 bytes / 256: scales[16] (low nibble sc, high nibble m, per 16 weights) | qs[64] (2 bits) |
+    d f16 | dmin f16. Weight 128n+32j+l = d*sc[s] * ((qs[32n+l] >> 2j) & 3) - dmin*m[s], s = index/16.
+    Repacked: qs (nb,64,N8) + scales (nb,16,N8) + d, dmin f32 = 88 bytes (1.05x)."""
+
+    qtype, block, size, sub, has_mins = QT.Q2_K, 256, 84, 16, True
+
+    def repack(self, kb):
+        return {"sc": np.ascontiguousarray(kb[:, 0:16]), "qs": np.ascontiguousarray(kb[:, 16:80]),
+                "d": f16_field(kb, 80), "dmin": f16_field(kb, 82)}
+
+    def codes(self, p, u0, u1, r0, r1, out, tmp):
+        U, R = u1 - u0, r1 - r0
+        crumbs(p["qs"][u0:u1, :, r0:r1].reshape(U, 2, 32, R), tmp.reshape(U, 2, 4, 32, R))
+        np.copyto(out, tmp, casting="unsafe")
+
+    def scales(self, p, u0, u1, r0, r1):
+        return _d_times(p, "d", p["sc"][u0:u1, :, r0:r1] & 0x0F, u0, u1, r0, r1)
+
+    def mins(self, p, u0, u1, r0, r1):
+        return -_d_times(p, "dmin", p["sc"][u0:u1, :, r0:r1] >> 4, u0, u1, r0, r1)
+
+
+class Q3_K(BlockFormat):
+    """110 bytes / 256: hmask[32] | qs[64] (low 2 bits) | scales[12] (16 x 6 bits) | d f16.
+    Weight 128n+32j+l = d*(sc[s]-32) * (low2 - (0 if hmask[l] bit (4n+j) else 4)).
+    scales: sc[i] = ((b[i%8] >> 4*(i//8)) & 0xF) | (((b[8+i%4] >> 2*(i//4)) & 3) << 4).
+    Codes here are low2 | hbit<<2 with offset -4. Repacked: hmask + qs + sc int8 (nb,16,N8) + d f32
+    = 116 bytes (1.05x)."""
+
+    qtype, block, size, sub, offset = QT.Q3_K, 256, 110, 16, -4.0
+
+    def repack(self, kb):
+        s = kb[:, 96:108]
+        i = np.arange(16)
+        low = (s[:, i % 8] >> (4 * (i // 8))[None, :, None]) & 0x0F
+        high = (s[:, 8 + i % 4] >> (2 * (i // 4))[None, :, None]) & 0x03
+        sc = ((low | (high << 4)).astype(np.int16) - 32).astype(np.int8)
+        return {"hm": np.ascontiguousarray(kb[:, 0:32]), "qs": np.ascontiguousarray(kb[:, 32:96]),
+                "sc": sc, "d": f16_field(kb, 108)}
+
+    def codes(self, p, u0, u1, r0, r1, out, tmp):
+        U, R = u1 - u0, r1 - r0
+        t = tmp.reshape(U, 2, 4, 32, R)
+        crumbs(p["qs"][u0:u1, :, r0:r1].reshape(U, 2, 32, R), t)
+        hm = p["hm"][u0:u1, :, r0:r1]                           # (U, 32, R)
+        scratch = np.empty((U, 32, R), dtype=np.uint8)
+        for n in range(2):
+            for j in range(4):
+                or_bit(hm, 4 * n + j, t[:, n, j], 2, scratch)
+        np.copyto(out, tmp, casting="unsafe")
+
+    def scales(self, p, u0, u1, r0, r1):
+        return _d_times(p, "d", p["sc"][u0:u1, :, r0:r1], u0, u1, r0, r1)
+
+
+class Q4_K(BlockFormat):
+    """144 bytes / 256: d f16 | dmin f16 | scales[12] (8 x 6-bit sc and m, see _scale_min_k4) | qs[128].
+    Weight 64j+l = d*sc[2j] * (qs[32j+l] & 0xF) - dmin*m[2j]; weight 64j+32+l uses qs[32j+l] >> 4 and
+    sub-block 2j+1. Repacked: qs (nb,128,N8) + sc, m bytes (nb,8,N8) + d, dmin f32 = 152 bytes (1.06x)."""
+
+    qtype, block, size, sub, has_mins = QT.Q4_K, 256, 144, 32, True
+    _qs_at = 16
+
+    def repack(self, kb):
+        sc, mn = _scale_min_k4(kb[:, 4:16])
+        a = self._qs_at
+        return {"d": f16_field(kb, 0), "dmin": f16_field(kb, 2), "sc": sc, "m": mn,
+                "qs": np.ascontiguousarray(kb[:, a:a + 128])}
+
+    def codes(self, p, u0, u1, r0, r1, out, tmp):
+        U, R = u1 - u0, r1 - r0
+        t = tmp.reshape(U, 4, 2, 32, R)
+        src = p["qs"][u0:u1, :, r0:r1].reshape(U, 4, 32, R)
+        split_nibbles(src, t[:, :, 0], t[:, :, 1])
+        self._high_bits(p, u0, u1, r0, r1, tmp)
+        np.copyto(out, tmp, casting="unsafe")
+
+    def _high_bits(self, p, u0, u1, r0, r1, tmp):
+        pass
+
+    def scales(self, p, u0, u1, r0, r1):
+        return _d_times(p, "d", p["sc"][u0:u1, :, r0:r1], u0, u1, r0, r1)
+
+    def mins(self, p, u0, u1, r0, r1):
+        return -_d_times(p, "dmin", p["m"][u0:u1, :, r0:r1], u0, u1, r0, r1)
+
+
+class Q5_K(Q4_K):
+    """176 bytes / 256: d f16 | dmin f16 | scales[12] | qh[32] | qs[128]. As Q4_K, plus the 5th bit of
+    weight 32s+l is (qh[l] >> s) & 1. Repacked: Q4_K's arrays + qh (nb,32,N8) = 184 bytes (1.05x)."""
+
+    qtype, size = QT.Q5_K, 176
+    _qs_at = 48
+
+    def repack(self, kb):
+        p = super().repack(kb)
+        p["qh"] = np.ascontiguousarray(kb[:, 16:48])
+        return p
+
+    def _high_bits(self, p, u0, u1, r0, r1, tmp):
+        U, R = u1 - u0, r1 - r0
+        t = tmp.reshape(U, 8, 32, R)
+        qh = p["qh"][u0:u1, :, r0:r1]
+        scratch = np.empty((U, 32, R), dtype=np.uint8)
+        for s in range(8):
+            or_bit(qh, s, t[:, s], 4, scratch)
+
+
+class Q6_K(BlockFormat):
+    """210 bytes / 256: ql[128] (low 4 bits) | qh[64] (high 2 bits) | scales[16] int8 | d f16.
+    Weight 128n+64h+c: low = (ql[64n+c] >> 4h) & 0xF; weight 128n+32j+l: high = (qh[32n+l] >> 2j) & 3;
+    value = d*sc[index/16] * ((low | high << 4) - 32). Repacked at load to int8 codes (q - 32, natural
+    order) + sc int8 + d f32 = 276 bytes (1.31x, within the 1.35x allowed), so a tile is one cast."""
+
+    qtype, block, size, sub = QT.Q6_K, 256, 210, 16
+
+    def repack(self, kb):
+        nb, _, n = kb.shape
+        ql = kb[:, 0:128].reshape(nb, 2, 64, n)
+        qh = kb[:, 128:192].reshape(nb, 2, 32, n)
+        q = np.empty((nb, 2, 4, 32, n), dtype=np.uint8)         # (nb, half, j, l, N)
+        q.reshape(nb, 2, 2, 64, n)[:] = (ql[:, :, None] >> np.array([0, 4], np.uint8)[:, None, None]) & 0x0F
+        q |= ((qh[:, :, None] >> (2 * np.arange(4, dtype=np.uint8))[:, None, None]) & 0x03) << 4
+        codes = (q.astype(np.int16) - 32).astype(np.int8).reshape(nb, 256, n)
+        return {"q": codes, "sc": np.ascontiguousarray(kb[:, 192:208]).view(np.int8), "d": f16_field(kb, 208)}
+
+    def codes(self, p, u0, u1, r0, r1, out, tmp):
+        np.copyto(out.reshape(u1 - u0, 256, r1 - r0), p["q"][u0:u1, :, r0:r1], casting="unsafe")
+
+    def scales(self, p, u0, u1, r0, r1):
+        return _d_times(p, "d", p["sc"][u0:u1, :, r0:r1], u0, u1, r0, r1)
+
+
+class IQ4_XS(BlockFormat):
+    """136 bytes / 256: d f16 | scales_h u16 | scales_l[4] | qs[128]. Sub-block s (32 weights) has
+    ls = (((scales_l[s/2] >> 4*(s%2)) & 0xF) | (((scales_h >> 2s) & 3) << 4)) - 32; weight 32s+j =
+    d*ls * IQ4_VALUES[qs[16s+j] & 0xF], weight 32s+16+j uses qs[16s+j] >> 4.
+    Repacked: qs (nb,128,N8) + ls int8 (nb,8,N8) + d f32 = 140 bytes (1.03x)."""
+
+    qtype, block, size, sub = QT.IQ4_XS, 256, 136, 32
+
+    def repack(self, kb):
+        sh = kb[:, 2].astype(np.uint16) | (kb[:, 3].astype(np.uint16) << 8)     # (nb, N)
+        s = np.arange(8)
+        low = (kb[:, 4 + s // 2] >> (4 * (s % 2)).astype(np.uint8)[None, :, None]) & 0x0F
+        high = ((sh[:, None, :] >> (2 * s).astype(np.uint16)[None, :, None]) & 0x03).astype(np.uint8)
+        ls = ((low | (high << 4)).astype(np.int16) - 32).astype(np.int8)
+        return {"d": f16_field(kb, 0), "sc": ls, "qs": np.ascontiguousarray(kb[:, 8:136])}
+
+    def codes(self, p, u0, u1, r0, r1, out, tmp):
+        U, R = u1 - u0, r1 - r0
+        t = tmp.reshape(U, 8, 2, 16, R)
+        split_nibbles(p["qs"][u0:u1, :, r0:r1].reshape(U, 8, 16, R), t[:, :, 0], t[:, :, 1])
+        lut_codes(tmp, out)
+
+    def scales(self, p, u0, u1, r0, r1):
+        return _d_times(p, "d", p["sc"][u0:u1, :, r0:r1], u0, u1, r0, r1)

@@ -1,0 +1,122 @@
+"""The repacked ("k-major") layout shared by every GGML block format, and its bit helpers.
+
+Owns: the `BlockFormat` interface every block type implements, the registry of formats, the row padding
+and block-transposition done at load time, and the uint64 bit tricks used to unpack codes.
+Must not: know about tiles, threads or matmul (that is qtensor.py), or hold any model state.
+
+The weight model every format maps onto (per sub-block s of `sub` consecutive input columns, row r):
+
+    w[r, s*sub + k] = S[s, r] * (c[s, k, r] + offset) + M[s, r]
+
+c are small integer codes (unpacked from bits), S the sub-block scale, M an additive term (the "min" of
+Q4_1 / Q5_1 / K-quants, negated), offset a per-format constant (-8 for Q4_0). Computing it in exactly
+this order reproduces gguf.quants.dequantize bit for bit (the reference forms d*(q-8), d*q+m, dl*q-ml).
+
+Repacked arrays put the ROW index last (rows padded to a multiple of 8): an array `qs` of a block row
+(n_out, nb, bytes) is stored as (nb, bytes, n_rows8). A tile of R rows is then a slice [..., r0:r1]
+whose inner runs are contiguous, so numpy's loops run long, uint64 views unpack 8 rows at a time, and the
+expanded tile (n_in_tile, R) is directly the right-hand side of x @ tile (no transposes).
+"""
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+
+FORMATS: dict[QT, "BlockFormat"] = {}
+
+U64 = np.uint64
+NIB = U64(0x0F0F0F0F0F0F0F0F)        # low nibble of every byte of a uint64
+BIT0 = U64(0x0101010101010101)       # lowest bit of every byte
+
+
+class BlockFormat:
+    """One GGML block type: how to repack its blocks and unpack codes, scales and mins from a tile."""
+
+    qtype: QT
+    block: int          # elements per block (32, or 256 for K-quants / IQ4_XS)
+    size: int           # bytes per block in the file
+    sub: int            # elements sharing one scale
+    offset: float = 0.0  # constant added to the codes before scaling
+    has_mins = False    # whether M is non-zero
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if hasattr(cls, "qtype"):
+            FORMATS[cls.qtype] = cls()
+
+    @property
+    def nsub(self) -> int:
+        return self.block // self.sub
+
+    def repack(self, blocks: np.ndarray) -> dict[str, np.ndarray]:
+        """blocks (nb, size, N8) uint8 (already k-major) -> named arrays, rows last."""
+        raise NotImplementedError
+
+    def codes(self, p: dict, u0: int, u1: int, r0: int, r1: int, tmp: np.ndarray) -> np.ndarray:
+        """Integer codes of units [u0, u1) x rows [r0, r1): into tmp (U*block, R) uint8/int8; returns the
+        array to cast to float32 (tmp itself, or a view of a stored int8 array)."""
+        raise NotImplementedError
+
+    def scales(self, p: dict, u0: int, u1: int, r0: int, r1: int) -> np.ndarray:
+        """S of the tile: (U*nsub, R) float32."""
+        raise NotImplementedError
+
+    def mins(self, p: dict, u0: int, u1: int, r0: int, r1: int) -> np.ndarray | None:
+        """M of the tile: (U*nsub, R) float32, or None when the format has no mins."""
+        return None
+
+
+def f16_field(kb: np.ndarray, at: int) -> np.ndarray:
+    """The little-endian f16 at byte `at` of k-major blocks (nb, size, N8) -> (nb, N8) float32."""
+    lo = kb[:, at, :].astype(np.uint16)
+    hi = kb[:, at + 1, :].astype(np.uint16)
+    return (lo | (hi << 8)).view(np.float16).astype(np.float32)
+
+
+def kmajor(blocks: np.ndarray) -> np.ndarray:
+    """(n_out, nb, size) uint8 block rows -> (nb, size, N8) with rows last, zero-padded to 8 rows."""
+    n_out, nb, size = blocks.shape
+    n8 = -(-n_out // 8) * 8
+    out = np.zeros((nb, size, n8), dtype=np.uint8)
+    out[:, :, :n_out] = blocks.transpose(1, 2, 0)
+    return out
+
+
+def as_u64(a: np.ndarray) -> np.ndarray:
+    """View a uint8 array whose last axis is contiguous and a multiple of 8 long as uint64."""
+    return a.view(U64)
+
+
+def split_nibbles(src: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> None:
+    """lo = src & 0xF, hi = src >> 4 for uint8 arrays of the same shape (rows last, R % 8 == 0)."""
+    s = as_u64(src)
+    h = as_u64(hi)
+    np.bitwise_and(s, NIB, out=as_u64(lo))
+    np.right_shift(s, U64(4), out=h)
+    np.bitwise_and(h, NIB, out=h)
+
+
+def crumbs(src: np.ndarray, out: np.ndarray) -> None:
+    """2-bit fields: out[..., j, :, :] = (src >> 2j) & 3 for j in 0..3; src (..., n, R), out (..., 4, n, R)."""
+    s = as_u64(src)
+    mask = U64(0x0303030303030303)
+    for j in range(4):
+        o = as_u64(out[..., j, :, :])
+        if j:
+            np.right_shift(s, U64(2 * j), out=o)
+            np.bitwise_and(o, mask, out=o)
+        else:
+            np.bitwise_and(s, mask, out=o)
+
+
+def or_bit(src: np.ndarray, bit: int, dst: np.ndarray, to: int, scratch: np.ndarray) -> None:
+    """dst |= ((src >> bit) & 1) << to, bytewise (uint8 arrays, same shape, rows last)."""
+    s = as_u64(src)
+    t = as_u64(scratch)
+    if to >= bit:
+        np.left_shift(s, U64(to - bit), out=t)
+    else:
+        np.right_shift(s, U64(bit - to), out=t)
+    np.bitwise_and(t, U64(0x0101010101010101 << to), out=t)
+    d = as_u64(dst)
+    np.bitwise_or(d, t, out=d)

@@ -1,0 +1,127 @@
+"""GGML's 32-element block formats: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and IQ4_NL.
+
+Owns: each format's byte layout (documented beside it), its load-time repacking into the k-major layout
+of layout.py, and the unpacking of a tile's codes, scales and mins.
+Must not: do any matrix arithmetic (qtensor.py does), or keep a reference to the memory-mapped file.
+
+Every block starts with an f16 scale `d`, stored repacked as float32 (an f16->f32 cast per call is slow).
+"""
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+
+from .layout import BlockFormat, f16_field, or_bit, split_nibbles
+
+# IQ4_NL's non-linear code book (ggml's kvalues_iq4nl), also used by IQ4_XS
+IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
+                      dtype=np.float32)
+
+
+def lut_codes(tmp: np.ndarray, out: np.ndarray) -> None:
+    """out = IQ4_VALUES[tmp] for 4-bit indices tmp (uint8) -> float32."""
+    np.take(IQ4_VALUES, tmp, out=out)
+
+
+class Q4_0(BlockFormat):
+    """18 bytes / 32 weights: d f16 | qs[16]. Weight j = d * ((qs[j] & 0xF) - 8), weight 16+j uses
+    qs[j] >> 4. Repacked: qs (nb, 16, N8) + d f32 (nb, N8) = 20 bytes/block (1.11x)."""
+
+    qtype, block, size, sub, offset = QT.Q4_0, 32, 18, 32, -8.0
+
+    def repack(self, kb):
+        return {"d": f16_field(kb, 0), "qs": np.ascontiguousarray(kb[:, 2:18])}
+
+    def codes(self, p, u0, u1, r0, r1, out, tmp):
+        t = tmp.reshape(u1 - u0, 2, 16, r1 - r0)
+        split_nibbles(p["qs"][u0:u1, :, r0:r1], t[:, 0], t[:, 1])   # (U, 2, 16, R): elements 0..15, 16..31
+        np.copyto(out, tmp, casting="unsafe")
+
+    def scales(self, p, u0, u1, r0, r1):
+        return p["d"][u0:u1, r0:r1]
+
+
+class IQ4_NL(Q4_0):
+    """18 bytes / 32 weights: d f16 | qs[16], nibbles as Q4_0 but each indexes IQ4_VALUES:
+    weight = d * IQ4_VALUES[nibble]. Repacked like Q4_0 (1.11x)."""
+
+    qtype, offset = QT.IQ4_NL, 0.0
+
+    def codes(self, p, u0, u1, r0, r1, out, tmp):
+        t = tmp.reshape(u1 - u0, 2, 16, r1 - r0)
+        split_nibbles(p["qs"][u0:u1, :, r0:r1], t[:, 0], t[:, 1])
+        lut_codes(tmp, out)
+
+
+class Q4_1(Q4_0):
+    """20 bytes / 32 weights: d f16 | m f16 | qs[16]. Weight = d * nibble + m (nibbles as Q4_0).
+    Repacked: qs + d f32 + m f16 = 22 bytes/block (1.10x); m is cast per tile (1/32 of the work)."""
+
+    qtype, size, offset, has_mins = QT.Q4_1, 20, 0.0, True
+
+    def repack(self, kb):
+        m = f16_field(kb, 2).astype(np.float16)
+        return {"d": f16_field(kb, 0), "m": m, "qs": np.ascontiguousarray(kb[:, 4:20])}
+
+    def mins(self, p, u0, u1, r0, r1):
+        return p["m"][u0:u1, r0:r1].astype(np.float32)
+
+
+class Q5_0(BlockFormat):
+    """22 bytes / 32 weights: d f16 | qh u32 (bit j = 5th bit of weight j) | qs[16] (nibbles as Q4_0).
+    Weight = d * ((nibble | hbit << 4) - 16). Repacked: qs (nb,16,N8) + qh bytes (nb,4,N8) + d f32
+    = 24 bytes/block (1.09x)."""
+
+    qtype, block, size, sub, offset = QT.Q5_0, 32, 22, 32, -16.0
+    _qs_at = 6
+
+    def repack(self, kb):
+        a = self._qs_at
+        return {"d": f16_field(kb, 0), "qh": np.ascontiguousarray(kb[:, a - 4:a]),
+                "qs": np.ascontiguousarray(kb[:, a:a + 16])}
+
+    def codes(self, p, u0, u1, r0, r1, out, tmp):
+        U, R = u1 - u0, r1 - r0
+        t = tmp.reshape(U, 2, 16, R)
+        split_nibbles(p["qs"][u0:u1, :, r0:r1], t[:, 0], t[:, 1])
+        qh = p["qh"][u0:u1, :, r0:r1]                      # (U, 4, R): byte i bit b -> weight 8i+b
+        t8 = tmp.reshape(U, 4, 8, R)
+        scratch = np.empty((U, 4, R), dtype=np.uint8)
+        for b in range(8):
+            or_bit(qh, b, t8[:, :, b], 4, scratch)
+        np.copyto(out, tmp, casting="unsafe")
+
+    def scales(self, p, u0, u1, r0, r1):
+        return p["d"][u0:u1, r0:r1]
+
+
+class Q5_1(Q5_0):
+    """24 bytes / 32 weights: d f16 | m f16 | qh u32 | qs[16]. Weight = d * (nibble | hbit << 4) + m.
+    Repacked: qs + qh + d f32 + m f16 = 26 bytes/block (1.08x)."""
+
+    qtype, size, offset, has_mins = QT.Q5_1, 24, 0.0, True
+    _qs_at = 8
+
+    def repack(self, kb):
+        p = super().repack(kb)
+        p["m"] = f16_field(kb, 2).astype(np.float16)
+        return p
+
+    def mins(self, p, u0, u1, r0, r1):
+        return p["m"][u0:u1, r0:r1].astype(np.float32)
+
+
+class Q8_0(BlockFormat):
+    """34 bytes / 32 weights: d f16 | qs[32] int8. Weight = d * qs[j].
+    Repacked: qs int8 (nb, 32, N8) + d f32 = 36 bytes/block (1.06x)."""
+
+    qtype, block, size, sub = QT.Q8_0, 32, 34, 32
+
+    def repack(self, kb):
+        return {"d": f16_field(kb, 0), "qs": np.ascontiguousarray(kb[:, 2:34]).view(np.int8)}
+
+    def codes(self, p, u0, u1, r0, r1, out, tmp):
+        np.copyto(out.reshape(u1 - u0, 32, r1 - r0), p["qs"][u0:u1, :, r0:r1], casting="unsafe")
+
+    def scales(self, p, u0, u1, r0, r1):
+        return p["d"][u0:u1, r0:r1]
