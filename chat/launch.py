@@ -1,0 +1,285 @@
+"""Launch: turn the options into a running pipeline, whatever way the process was started.
+
+Owns the three launch modes of DESIGN §3 (under mpiexec, spawn with --np N, single process), the
+start-up handshake (the head's settings broadcast, node-local model path and threads, model fingerprint
+checked on every rank, the split validated before anything loads), the plan shown to the user, and
+the signals of a cluster rank. Prints nothing except a worker's last-resort abort line; the UI prints
+the plan (`Plan.__str__`). The engine itself is core/pipeline.py; MPI is core/transport.py.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from core.errors import LlamaMpiError, PipelineError, UsageError
+from core.loader import ModelFile, open_model
+from core.model import Stage
+from core.partition import format_layers, split_layers
+from core.pipeline import LocalPipeline, MpiPipeline, Pipeline, serve_worker
+
+FAULT_ENV = "LLAMA_MPI_FAULT"        # tests only: "RANK:N" = rank RANK fails at its N-th evaluation
+UBATCH_ENV = "LLAMA_MPI_UBATCH"      # micro-batch size for pipelined prefill (0 = off; unset = automatic)
+WORKER_FLAG = "--llama-mpi-worker"   # argv of a spawned worker: python -m chat.launch --llama-mpi-worker
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    rank: int
+    host: str
+    layers: range
+    weight_bytes: int          # bytes of this rank's tensors in the file
+    kv_bytes: int              # f32 K and V for its layers at n_ctx
+    model: str                 # the path this rank opens
+    threads: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    mode: str                  # "single", "mpiexec" or "spawn"
+    model: str
+    n_layer: int
+    n_ctx: int
+    ranks: tuple[RankPlan, ...]
+
+    def __str__(self) -> str:
+        head = f"plan: {self.mode}, {len(self.ranks)} rank{'s' if len(self.ranks) > 1 else ''}, " \
+               f"{self.n_layer} layers, n_ctx {self.n_ctx}"
+        rows = [f"  rank {r.rank}  {r.host:<16} layers {format_layers(r.layers):<7} "
+                f"weights {_mib(r.weight_bytes)}  KV {_mib(r.kv_bytes)}  threads {r.threads}" for r in self.ranks]
+        return "\n".join([head] + rows)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:8.1f} MiB"
+
+
+def launch_mode(opts: Any) -> str:
+    """"mpiexec" when a process manager started us, "spawn" for --np N > 1, else "single"."""
+    from core.transport import under_mpi_launcher
+    if under_mpi_launcher():
+        if opts.np is not None:
+            raise UsageError("--np starts its own workers: under mpiexec give the rank count to mpiexec -n")
+        return "mpiexec"
+    if opts.np is not None and opts.np > 1:
+        return "spawn"
+    return "single"
+
+
+def start_cluster(opts: Any, on_plan: Callable[[Plan], None] | None = None) -> Pipeline | None:
+    """Start the pipeline for these options. The head gets a Pipeline (with `.plan`); a worker rank
+    serves until shutdown and returns None after a clean shutdown (it exits 1 itself after a failure).
+
+    `on_plan` (optional) is called with the plan once every rank agreed and before anything loads.
+    """
+    if opts.model is None:
+        raise UsageError("no model: give -m FILE")
+    mode = launch_mode(opts)
+    if mode == "single":
+        return _start_single(opts, on_plan)
+    from core import transport
+    if mode == "spawn":
+        t = transport.spawn_workers(opts.np - 1, _worker_argv(), opts.hostfile)
+    else:
+        t = transport.world()
+    t.exchange_peers()
+    if t.rank != 0:
+        _worker_signals()
+        status = _worker(t, _local_model(opts), _local_threads(opts))
+        if status != 0:
+            sys.exit(status)
+        return None
+    return _head(t, opts, mode, on_plan)
+
+
+# ---- single process ------------------------------------------------------------------------------
+
+def _start_single(opts: Any, on_plan: Callable[[Plan], None] | None) -> Pipeline:
+    model = open_model(opts.model)
+    n_ctx = opts.n_ctx or model.config.n_ctx_train
+    layers = split_layers(model.config.n_layer, 1, opts.mpi_layer_split)
+    plan = Plan("single", str(opts.model), model.config.n_layer, n_ctx,
+                (_rank_plan(model, 0, os.uname().nodename, layers[0], n_ctx, str(opts.model), opts.threads),))
+    if on_plan:
+        on_plan(plan)
+    pipe = LocalPipeline(Stage(model, layers[0], embed=True, head=True, n_ctx=n_ctx, threads=opts.threads))
+    pipe.plan = plan
+    return pipe
+
+
+# ---- the head ------------------------------------------------------------------------------------
+
+def _head(t: Any, opts: Any, mode: str, on_plan: Callable[[Plan], None] | None) -> MpiPipeline:
+    try:
+        model = open_model(opts.model)
+        n_ctx = opts.n_ctx or model.config.n_ctx_train
+        layers = split_layers(model.config.n_layer, t.size, opts.mpi_layer_split)
+    except LlamaMpiError as exc:
+        t.bcast_obj({"error": str(exc)})                  # workers stop quietly; the head reports
+        t.close()
+        raise
+    settings = {"model": os.path.abspath(opts.model), "fingerprint": model.fingerprint(), "n_ctx": n_ctx,
+                "threads": opts.threads, "layers": [(r.start, r.stop) for r in layers],
+                "fault": os.environ.get(FAULT_ENV)}
+    t.bcast_obj(settings)
+    mine = _rank_plan(model, 0, t.host, layers[0], n_ctx, str(opts.model), opts.threads)
+    reports = t.gather_obj({"plan": mine, "error": None})
+    _verdict(t, reports, layers)
+    plan = Plan(mode, str(opts.model), model.config.n_layer, n_ctx, tuple(r["plan"] for r in reports))
+    if on_plan:
+        on_plan(plan)
+    stage, error = None, None
+    try:
+        stage = Stage(model, layers[0], embed=True, head=True, n_ctx=n_ctx, threads=opts.threads)
+    except Exception as exc:                              # noqa: BLE001 - reported like a worker's
+        error = _one_line(exc)
+    reports = t.gather_obj({"plan": mine, "error": error})
+    _verdict(t, reports, layers)
+    ubatch = os.environ.get(UBATCH_ENV)
+    pipe = MpiPipeline(t, stage, layers, ubatch=int(ubatch) if ubatch else None)
+    pipe.plan = plan
+    _head_signals()
+    atexit.register(_head_at_exit, pipe)
+    return pipe
+
+
+def _verdict(t: Any, reports: list[dict], layers: list[range]) -> None:
+    """Every rank said ok: tell them to go on. Otherwise tell them to stop and raise for the first."""
+    bad = [(r, rep) for r, rep in enumerate(reports) if rep["error"]]
+    t.bcast_obj("abort" if bad else "go")
+    if bad:
+        t.close()
+        r, rep = bad[0]
+        raise PipelineError(f"rank {r} ({rep['plan'].host}, layers {format_layers(layers[r])}): {rep['error']}")
+
+
+def _head_at_exit(pipe: MpiPipeline) -> None:
+    """The head is exiting without close() (an unexpected error): never leave workers waiting."""
+    if not getattr(pipe, "_closed", True):
+        pipe.abort(-1)
+
+
+def _head_signals() -> None:
+    """SIGTERM on the head: leave through SystemExit so the pipeline stops every worker first.
+    (SIGINT belongs to the REPL: it stops generation between steps.)"""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_exit)
+
+
+def _raise_exit(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+# ---- a worker ------------------------------------------------------------------------------------
+
+def _worker_signals() -> None:
+    """Workers ignore SIGINT (mpiexec forwards Ctrl-C to every rank; the head decides) and turn
+    SIGTERM into a reported failure."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _raise_exit)
+
+
+def _worker(t: Any, local_model: str | None, local_threads: int | None) -> int:
+    """A worker's start-up handshake, then serve. Returns the exit status."""
+    settings = t.bcast_obj()
+    if "error" in settings:
+        t.close()
+        return 1
+    rank = t.rank
+    layers = range(*settings["layers"][rank])
+    path = local_model or settings["model"]
+    threads = local_threads or settings["threads"]
+    n_ctx = settings["n_ctx"]
+    model: ModelFile | None = None
+    error = None
+    try:
+        model = open_model(path)
+        if model.fingerprint() != settings["fingerprint"]:
+            error = (f"model {path} is not the head's {settings['model']} "
+                     f"(fingerprint {model.fingerprint()} vs {settings['fingerprint']})")
+    except LlamaMpiError as exc:
+        error = str(exc)
+    mine = (_rank_plan(model, rank, t.host, layers, n_ctx, path, threads) if model is not None
+            else RankPlan(rank, t.host, layers, 0, 0, path, threads))
+    t.gather_obj({"plan": mine, "error": error})
+    if t.bcast_obj() != "go":
+        t.close()
+        return 1
+    stage, error = None, None
+    try:
+        stage = Stage(model, layers, embed=False, head=False, n_ctx=n_ctx, threads=threads)
+    except Exception as exc:                              # noqa: BLE001 - reported to the head
+        error = _one_line(exc)
+    t.gather_obj({"plan": mine, "error": error})
+    if t.bcast_obj() != "go":
+        t.close()
+        return 1
+    status = serve_worker(t, stage, _fault_after(settings["fault"], rank))
+    t.close(disconnect=status == 0)
+    stage.close()
+    return status
+
+
+def _fault_after(spec: str | None, rank: int) -> int | None:
+    """"1:3" -> 3 on rank 1, None elsewhere (the test hook of FAULT_ENV)."""
+    if not spec:
+        return None
+    r, _, n = spec.partition(":")
+    return int(n or 1) if int(r) == rank else None
+
+
+def _local_model(opts: Any) -> str | None:
+    """A worker's own -m (from its node's options file or command line), if it has one."""
+    return opts.model
+
+
+def _local_threads(opts: Any) -> int | None:
+    """A worker's own -t, only when its options set it explicitly (else the head's applies)."""
+    argv = list(getattr(opts, "file_argv", ())) + sys.argv[1:]
+    explicit = any(a in ("-t", "--threads") or a.startswith("--threads=") for a in argv)
+    return opts.threads if explicit else None
+
+
+def _rank_plan(model: ModelFile, rank: int, host: str, layers: range, n_ctx: int, path: str,
+               threads: int) -> RankPlan:
+    """Bytes this rank will hold: its tensors in the file, and an f32 KV cache for its layers."""
+    cfg = model.config
+    names = {f"blk.{i}." for i in layers}
+    head = {"token_embd.weight", "output_norm.weight", "output.weight"} if rank == 0 else set()
+    weight = sum(int(t.n_bytes) for t in model.reader.tensors
+                 if t.name in head or t.name[:t.name.find(".", 4) + 1] in names)
+    kv = 2 * len(layers) * n_ctx * cfg.n_head_kv * cfg.head_dim * 4
+    return RankPlan(rank, host, layers, weight, kv, path, threads)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) if isinstance(exc, LlamaMpiError) else f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split())
+
+
+def _worker_argv() -> list[str]:
+    """`python <argv>` of a spawned worker: import this package from where the head found it."""
+    root = str(Path(__file__).resolve().parents[1])
+    code = (f"import sys; sys.path.insert(0, {root!r}); from chat.launch import worker_main; "
+            f"sys.exit(worker_main())")
+    return ["-c", code, WORKER_FLAG]
+
+
+def worker_main() -> int:
+    """Entry of a spawned worker (mode 2): join the head's communicator and serve."""
+    from core import transport
+    t = transport.join_parent()
+    if t is None:
+        print("error: this entry point is for workers spawned by llama-mpi --np N", file=sys.stderr)
+        return 2
+    t.exchange_peers()
+    _worker_signals()
+    return _worker(t, None, None)
+
+
+if __name__ == "__main__" and WORKER_FLAG in sys.argv[1:]:
+    sys.exit(worker_main())

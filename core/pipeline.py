@@ -1,0 +1,418 @@
+"""Pipeline: evaluate tokens through a model whose layers may be split across MPI ranks.
+
+Owns the head's view (`Pipeline` protocol: `LocalPipeline` in one process, `MpiPipeline` driving a
+cluster), the worker loop (`serve_worker`), the step protocol (micro-batches in flight across stages,
+only the needed rows back to the head), KV-cache operations replayed on every rank in the head's order,
+per-rank statistics, and turning any rank's failure into one PipelineError naming rank, host and layers.
+It must not parse options, print, or import mpi4py (core/transport.py moves the bytes).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from .config import ModelConfig
+from .control import Abort, Eval, KvClear, KvShift, KvTruncate, Message, Shutdown, Stats
+from .errors import ContextOverflowError, LlamaMpiError, PipelineError, TokenizerError
+from .model import Stage
+from .partition import format_layers
+from .transport import Aborted, PeerFailed
+
+MIN_UBATCH = 16             # auto micro-batching never cuts a prompt into pieces smaller than this
+ABORT_GRACE_S = 2.0         # how long the head waits for its Abort frames to leave
+
+
+@dataclass(frozen=True)
+class RankStats:
+    rank: int
+    host: str
+    layers: range
+    compute_ms: float          # time in this rank's stage (embed, layers, output head)
+    wait_ms: float             # time spent waiting for peers
+    bytes_per_token: float     # activation bytes this rank sent, per evaluated token
+    rss_bytes: int             # resident memory of the process
+    n_past: int                # KV-cache fill
+    n_ctx: int
+    weight_bytes: int
+    kv_bytes: int
+
+    @property
+    def kv_fill(self) -> float:
+        return self.n_past / self.n_ctx if self.n_ctx else 0.0
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class Pipeline(Protocol):
+    config: ModelConfig
+
+    @property
+    def n_ctx(self) -> int: ...
+    @property
+    def n_past(self) -> int: ...
+    def eval(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray: ...
+    def kv_clear(self) -> None: ...
+    def kv_truncate(self, n: int) -> None: ...
+    def kv_shift(self, n_keep: int, n_discard: int) -> None: ...
+    def stats(self) -> list[RankStats]: ...
+    def close(self) -> None: ...
+
+
+class _Meter:
+    """Per-rank counters behind RankStats."""
+
+    def __init__(self) -> None:
+        self.compute_s = 0.0
+        self.tokens = 0
+        self.bytes_sent = 0
+
+    def snapshot(self, rank: int, host: str, stage: Stage, wait_s: float) -> RankStats:
+        return RankStats(rank, host, stage.layers, self.compute_s * 1e3, wait_s * 1e3,
+                         self.bytes_sent / self.tokens if self.tokens else 0.0, rss_bytes(),
+                         stage.n_past, stage.n_ctx, stage.weight_bytes, stage.kv_bytes)
+
+
+def check_tokens(tokens: Sequence[int], n_past: int, n_ctx: int, n_vocab: int) -> np.ndarray:
+    """Validate a batch before anything is sent: non-empty, ids in range, fits in the context."""
+    ids = np.asarray(tokens, dtype=np.int64).reshape(-1)              # (T,)
+    if ids.size == 0:
+        raise ValueError("eval() needs at least one token")
+    bad = ids[(ids < 0) | (ids >= n_vocab)]
+    if bad.size:
+        raise TokenizerError(f"token id {int(bad[0])} is out of range [0, {n_vocab})")
+    if n_past + ids.size > n_ctx:
+        raise ContextOverflowError(
+            f"{ids.size} tokens at position {n_past} do not fit in the context of {n_ctx} (-c)")
+    return ids
+
+
+def check_kv_op(msg: Message, n_past: int) -> None:
+    """Validate a KV operation against the head's cache before it is replayed anywhere."""
+    if isinstance(msg, KvTruncate) and not 0 <= msg.n <= n_past:
+        raise ValueError(f"cannot truncate the KV cache to {msg.n} positions: it holds {n_past}")
+    if isinstance(msg, KvShift) and (msg.n_keep < 0 or msg.n_discard < 0 or msg.n_keep + msg.n_discard > n_past):
+        raise ValueError(f"cannot shift the KV cache (keep {msg.n_keep}, discard {msg.n_discard}): "
+                         f"it holds {n_past} positions")
+
+
+def apply_kv_op(stage: Stage, msg: Message) -> None:
+    if isinstance(msg, KvClear):
+        stage.kv_clear()
+    elif isinstance(msg, KvTruncate):
+        stage.kv_truncate(msg.n)
+    elif isinstance(msg, KvShift):
+        stage.kv_shift(msg.n_keep, msg.n_discard)
+    else:
+        raise ValueError(f"not a KV operation: {msg}")
+
+
+def choose_ubatch(n_tokens: int, n_ranks: int, setting: int | None) -> int:
+    """Micro-batch size for a batch: `setting` 0 = no pipelining, N = that size, None = automatic
+    (about 2 micro-batches per rank in flight, never below MIN_UBATCH)."""
+    if n_ranks == 1 or setting == 0:
+        return n_tokens
+    if setting is not None:
+        return max(1, min(setting, n_tokens))
+    if n_tokens < 2 * MIN_UBATCH:
+        return n_tokens
+    return max(MIN_UBATCH, math.ceil(n_tokens / (2 * n_ranks)))
+
+
+class LocalPipeline:
+    """The whole model in this process: one full stage, no MPI."""
+
+    def __init__(self, stage: Stage, host: str = ""):
+        self.stage, self.config = stage, stage.config
+        self._host = host or os.uname().nodename
+        self._meter = _Meter()
+
+    @property
+    def n_ctx(self) -> int:
+        return self.stage.n_ctx
+
+    @property
+    def n_past(self) -> int:
+        return self.stage.n_past
+
+    def eval(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        ids = check_tokens(tokens, self.n_past, self.n_ctx, self.config.n_vocab)
+        t0 = time.perf_counter()
+        out = self.stage.eval(ids, self.n_past, all_logits)              # (n_vocab,) or (T, n_vocab)
+        self._meter.compute_s += time.perf_counter() - t0
+        self._meter.tokens += ids.size
+        return out
+
+    def kv_clear(self) -> None:
+        self.stage.kv_clear()
+
+    def kv_truncate(self, n: int) -> None:
+        check_kv_op(KvTruncate(n), self.n_past)
+        self.stage.kv_truncate(n)
+
+    def kv_shift(self, n_keep: int, n_discard: int) -> None:
+        check_kv_op(KvShift(n_keep, n_discard), self.n_past)
+        self.stage.kv_shift(n_keep, n_discard)
+
+    def stats(self) -> list[RankStats]:
+        return [self._meter.snapshot(0, self._host, self.stage, 0.0)]
+
+    def close(self) -> None:
+        self.stage.close()
+
+
+# ---- one step of the pipeline, as seen by any rank ---------------------------------------------
+
+def run_step(transport: Any, stage: Stage, msg: Eval, meter: _Meter, buf: np.ndarray,
+             tokens: np.ndarray | None = None) -> np.ndarray | None:
+    """Rank k's part of one evaluation: take each micro-batch (embed on the head, receive from k-1
+    elsewhere), run the stage's layers, pass it on (to k+1, or back to the head from the last rank).
+
+    Returns, on the head, the hidden rows the output head needs: (T, n_embd) when `msg.all_rows`, else
+    (1, n_embd); None on workers. Every send is waited before returning, so buffers can be reused.
+    """
+    rank, size = transport.rank, transport.size
+    last = size - 1
+    mbs = msg.micro_batches()                                         # [(row, n), ...]
+    sends, keep = [], []                                              # keep: arrays being sent
+    recvs = []
+    if rank > 0:                                                      # post every receive at once
+        recvs = [transport.irecv_into(buf[i0:i0 + n], rank - 1) for i0, n in mbs]
+    out = None
+    if rank == 0 and size > 1:                                        # results from the last rank
+        rows = msg.n_tokens if msg.all_rows else 1
+        out = np.empty((rows, stage.config.n_embd), dtype=np.float32)   # (rows, n_embd)
+        back = ([transport.irecv_into(out[i0:i0 + n], last) for i0, n in mbs] if msg.all_rows
+                else [transport.irecv_into(out, last)])
+    for j, (i0, n) in enumerate(mbs):
+        if rank == 0:
+            t0 = time.perf_counter()
+            h = stage.forward(stage.embed(tokens[i0:i0 + n]), msg.pos + i0)   # (n, n_embd)
+        else:
+            transport.wait(recvs[j], f"rank {rank - 1}")
+            t0 = time.perf_counter()
+            h = stage.forward(buf[i0:i0 + n], msg.pos + i0)           # (n, n_embd)
+        meter.compute_s += time.perf_counter() - t0
+        if size == 1:
+            keep.append(h)
+            continue
+        if rank < last:
+            dest, h_out = rank + 1, h
+        elif msg.all_rows:
+            dest, h_out = 0, h
+        elif j == len(mbs) - 1:
+            dest, h_out = 0, np.ascontiguousarray(h[-1:])             # (1, n_embd): only what the head needs
+        else:
+            continue
+        keep.append(h_out)
+        sends.append(transport.isend(h_out, dest))
+        meter.bytes_sent += h_out.nbytes
+    meter.tokens += msg.n_tokens
+    for req in sends:
+        transport.wait(req, "a send")
+    if rank != 0:
+        return None
+    if size == 1:
+        h = np.concatenate(keep) if len(keep) > 1 else keep[0]        # (T, n_embd)
+        return h if msg.all_rows else h[-1:]
+    for req in back:
+        transport.wait(req, f"rank {last}")
+    return out
+
+
+class MpiPipeline:
+    """The head's side of a cluster (rank 0 of `transport`): drives every step with a control message.
+
+    Args:
+        transport: a core.transport.Transport whose peers table is filled (rank 0 = this process).
+        stage: the head's stage (embed=True, head=True, the first layer slice).
+        layers: every rank's layer range, in rank order (for error messages and stats).
+        ubatch: micro-batch size for prefill (0 = never pipeline, None = automatic).
+    """
+
+    def __init__(self, transport: Any, stage: Stage, layers: list[range], ubatch: int | None = None):
+        self.t, self.stage, self.config = transport, stage, stage.config
+        self.layers, self.ubatch = layers, ubatch
+        self._seq = 0
+        self._meter = _Meter()
+        self._buf = np.empty((0, self.config.n_embd), dtype=np.float32)
+        self._broken: str | None = None      # the error that stopped the cluster
+        self._closed = False
+
+    @property
+    def n_ctx(self) -> int:
+        return self.stage.n_ctx
+
+    @property
+    def n_past(self) -> int:
+        return self.stage.n_past
+
+    @property
+    def size(self) -> int:
+        return self.t.size
+
+    def describe(self, rank: int) -> str:
+        """"rank 2 (host node-b, layers 11-21)" for messages."""
+        host = self.t.peers[rank].host if rank < len(self.t.peers) else "?"
+        return f"rank {rank} ({host}, layers {format_layers(self.layers[rank])})"
+
+    # ---- the Pipeline API ------------------------------------------------------------------------
+    def eval(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        self._usable()
+        ids = check_tokens(tokens, self.n_past, self.n_ctx, self.config.n_vocab)
+        msg = Eval(ids.size, self.n_past, choose_ubatch(ids.size, self.size, self.ubatch), all_logits)
+        return self._guarded(self._eval, msg, ids)
+
+    def kv_clear(self) -> None:
+        self._kv(KvClear())
+
+    def kv_truncate(self, n: int) -> None:
+        self._kv(KvTruncate(n))
+
+    def kv_shift(self, n_keep: int, n_discard: int) -> None:
+        self._kv(KvShift(n_keep, n_discard))
+
+    def stats(self) -> list[RankStats]:
+        self._usable()
+        return self._guarded(self._stats)
+
+    def close(self) -> None:
+        """Shut every rank down (clean exit); after a failure, make sure every worker was told to stop."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._broken is None:
+            try:
+                self._send(Shutdown())
+            except BaseException:                                     # noqa: BLE001 - going down anyway
+                self._abort_workers(-1)
+        self.t.close(disconnect=self._broken is None)
+        self.stage.close()
+
+    def abort(self, rank: int = -1) -> None:
+        """Stop the cluster without the clean handshake (signals, unexpected errors on the head)."""
+        if not self._closed:
+            self._broken = self._broken or "aborted"
+            self._closed = True
+            self._abort_workers(rank)
+            self.t.close(disconnect=False)
+
+    @property
+    def failed(self) -> bool:
+        return self._broken is not None
+
+    # ---- internals -------------------------------------------------------------------------------
+    def _usable(self) -> None:
+        if self._broken is not None:
+            raise PipelineError(self._broken)
+        if self._closed:
+            raise PipelineError("the pipeline is closed")
+
+    def _send(self, msg: Message) -> None:
+        self._seq += 1
+        self.t.send_ctrl(msg, self._seq)
+
+    def _kv(self, msg: Message) -> None:
+        self._usable()
+        check_kv_op(msg, self.n_past)
+        self._guarded(self._kv_step, msg)
+
+    def _kv_step(self, msg: Message) -> None:
+        self._send(msg)
+        apply_kv_op(self.stage, msg)
+
+    def _eval(self, msg: Eval, ids: np.ndarray) -> np.ndarray:
+        self.t.poll_failure()                                         # a worker that died while we idled
+        self._send(msg)
+        if self._buf.shape[0] < msg.n_tokens:
+            self._buf = np.empty((self.n_ctx, self.config.n_embd), dtype=np.float32)
+        h = run_step(self.t, self.stage, msg, self._meter, self._buf, ids)   # (rows, n_embd)
+        t0 = time.perf_counter()
+        logits = self.stage.logits(h)                                 # (rows, n_vocab)
+        self._meter.compute_s += time.perf_counter() - t0
+        return logits if msg.all_rows else logits[0]
+
+    def _stats(self) -> list[RankStats]:
+        self._send(Stats())
+        mine = self._meter.snapshot(0, self.t.host, self.stage, self.t.wait_s)
+        return [mine] + [self.t.recv_obj(r) for r in range(1, self.size)]
+
+    def _guarded(self, fn, *args):
+        """Run one step; any failure stops the whole cluster and becomes one PipelineError."""
+        try:
+            return fn(*args)
+        except PeerFailed as exc:
+            self._broken = f"{self.describe(exc.rank)} failed: {exc.what}"
+            self._abort_workers(exc.rank)
+            raise PipelineError(self._broken) from None
+        except (KeyboardInterrupt, SystemExit):
+            self.abort(-1)
+            raise
+        except Exception as exc:                                      # the head's own step failed
+            what = str(exc) if isinstance(exc, LlamaMpiError) else f"{type(exc).__name__}: {exc}"
+            self._broken = f"{self.describe(0)} failed: {what}"
+            self._abort_workers(0)
+            raise PipelineError(self._broken) from exc
+
+    def _abort_workers(self, rank: int) -> None:
+        """Best effort, bounded: every worker gets Abort (a dead one cannot; the launcher reaps it)."""
+        self._seq += 1
+        self.t.send_ctrl_nowait(Abort(rank), self._seq, ABORT_GRACE_S)
+
+
+# ---- the worker side ---------------------------------------------------------------------------
+
+def serve_worker(transport: Any, stage: Stage, fault_after: int | None = None) -> int:
+    """A worker's life after setup: apply the head's control messages in order until Shutdown.
+
+    Returns the exit status: 0 after Shutdown, 1 after an Abort or a failure of this rank (which is
+    reported to the head in one line first). `fault_after` (tests only) raises an error at the
+    start of that many-th evaluation.
+    """
+    meter, buf = _Meter(), np.empty((stage.n_ctx, stage.config.n_embd), dtype=np.float32)
+    expected, evals = 1, 0
+    try:
+        while True:
+            msg, seq = transport.recv_ctrl()
+            if seq != expected:
+                raise RuntimeError(f"control message {seq} arrived when {expected} was due")
+            expected += 1
+            if isinstance(msg, Eval):
+                evals += 1
+                if fault_after is not None and evals >= fault_after:
+                    raise RuntimeError(f"injected fault at evaluation {evals}")
+                if msg.pos != stage.n_past:
+                    raise RuntimeError(f"evaluation at position {msg.pos} but this rank holds {stage.n_past}")
+                run_step(transport, stage, msg, meter, buf)
+            elif isinstance(msg, Stats):
+                transport.send_obj(meter.snapshot(transport.rank, transport.host, stage, transport.wait_s), 0)
+            elif isinstance(msg, Shutdown):
+                return 0
+            else:
+                apply_kv_op(stage, msg)
+    except Aborted:
+        return 1
+    except PeerFailed as exc:                                        # the head is gone: nobody to tell
+        transport.abort_job(1, f"rank {transport.rank}: lost rank {exc.rank}: {exc.what}")
+        return 1
+    except BaseException as exc:                                     # noqa: BLE001 - report, then stop
+        what = str(exc) if isinstance(exc, LlamaMpiError) else f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, SystemExit):
+            what = f"stopped by signal (exit {exc.code})"
+        transport.report_failure(what)
+        transport.await_abort(10.0)
+        return 1

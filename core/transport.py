@@ -1,0 +1,329 @@
+"""Transport: the only module that imports mpi4py. Moves control frames, float32 activations and small
+pickled records between ranks, and never lets a waiting rank spin a core.
+
+Every wait here is a poll: non-blocking request, `Test`, short sleep with back-off (MPICH's blocking waits
+busy-poll, which on a 2-core machine steals the computing rank's core). While it waits, a rank also
+watches for trouble: a worker watches its control channel for the head's Abort; the head watches a
+report channel on which a failing worker sends one pickled line; both check that same-host peers are
+still alive. It knows nothing about models or layers (core/pipeline.py decides what to send).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from .control import FRAME_LEN, Abort, Message, decode, encode
+
+# Message tags (one per channel, so the channels never match each other's receives).
+TAG_CTRL, TAG_DATA, TAG_REPORT, TAG_OBJ_LEN, TAG_OBJ = 11, 12, 13, 14, 15
+REPORT_BYTES = 4096          # a failure report is one pickled record padded to this size
+POLL_MIN_S = 20e-6           # first sleep of a wait; doubles each poll ...
+POLL_MAX_S = 0.002           # ... up to this while the wait is young (latency ~ this per hop)
+POLL_IDLE_S = 0.010          # ... and this once the wait is older than IDLE_AFTER_S (an idle worker)
+IDLE_AFTER_S = 1.0
+LIVENESS_EVERY_S = 0.25      # how often a waiting rank checks that its same-host peers still run
+
+_MPI = None
+
+
+def mpi():
+    """Import and initialise MPI on first use (single-process runs never load it)."""
+    global _MPI
+    if _MPI is None:
+        import mpi4py
+        mpi4py.rc.thread_level = "serialized"   # threads run numpy only; MPI calls come from one thread
+        from mpi4py import MPI
+        _MPI = MPI
+    return _MPI
+
+
+def under_mpi_launcher() -> bool:
+    """True when a process manager (mpiexec/hydra, Open MPI, PMIx) started this process as a rank."""
+    keys = ("PMI_RANK", "PMI_SIZE", "PMI_FD", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
+    return any(k in os.environ for k in keys)
+
+
+class PeerFailed(Exception):
+    """A peer reported a failure or vanished. `rank` is the rank at fault; `what` says what happened."""
+
+    def __init__(self, rank: int, what: str):
+        super().__init__(f"rank {rank}: {what}")
+        self.rank, self.what = rank, what
+
+
+class Aborted(Exception):
+    """(worker side) the head sent Abort: stop now."""
+
+    def __init__(self, rank: int):
+        super().__init__(f"aborted by the head (fault at rank {rank})")
+        self.rank = rank
+
+
+@dataclass(frozen=True)
+class Peer:
+    rank: int
+    host: str
+    pid: int
+
+
+class Transport:
+    """Point-to-point messaging over one intracommunicator whose rank 0 is the head."""
+
+    def __init__(self, comm: Any, intercomm: Any = None):
+        self.comm = comm
+        self._inter = intercomm              # spawn mode: the intercommunicator to disconnect at the end
+        self.rank = comm.Get_rank()
+        self.size = comm.Get_size()
+        self.host = socket.gethostname()
+        self.peers: list[Peer] = [Peer(self.rank, self.host, os.getpid())]
+        self.wait_s = 0.0                    # time spent waiting on peers (for stats)
+        self._frame = np.zeros(FRAME_LEN, dtype=np.int64)   # worker: the next control frame lands here
+        self._ctrl_req = None                # worker: pending control receive
+        self._stash: list[tuple[Message, int]] = []         # worker: control frames that arrived early
+        self._report_buf = np.zeros(REPORT_BYTES, dtype=np.uint8)
+        self._report_req = None              # head: pending failure-report receive (any source)
+        self._last_liveness = time.monotonic()
+        self._closed = False
+
+    # ---- setup -----------------------------------------------------------------------------------
+    def exchange_peers(self) -> list[Peer]:
+        """Everyone learns every rank's host and pid (collective; called once, before any model work)."""
+        table = self.comm.allgather((self.rank, self.host, os.getpid()))
+        self.peers = [Peer(r, h, p) for r, h, p in table]
+        if self.rank == 0:
+            self._post_report_recv()
+        else:
+            self._post_ctrl_recv()
+        return self.peers
+
+    # ---- polling ---------------------------------------------------------------------------------
+    def wait(self, req: Any, what: str = "a peer") -> None:
+        """Poll `req` to completion while watching for failures (raises PeerFailed / Aborted)."""
+        if not req.Test():
+            self._poll_until(req.Test)
+
+    def _poll_until(self, done: Callable[[], bool]) -> None:
+        """Sleep-poll until done() while watching for failures; counts the time as waiting."""
+        t0 = time.monotonic()
+        delay = POLL_MIN_S
+        while True:
+            self._watch()
+            if done():
+                break
+            time.sleep(delay)
+            cap = POLL_MAX_S if time.monotonic() - t0 < IDLE_AFTER_S else POLL_IDLE_S
+            delay = min(delay * 2, cap)
+        self.wait_s += time.monotonic() - t0
+
+    def _watch(self) -> None:
+        if self.rank == 0:
+            self._check_reports()
+        else:
+            self._check_ctrl_for_abort()
+        now = time.monotonic()
+        if now - self._last_liveness >= LIVENESS_EVERY_S:
+            self._last_liveness = now
+            self._check_liveness()
+
+    def _check_liveness(self) -> None:
+        ranks = range(1, self.size) if self.rank == 0 else [0]
+        for r in ranks:
+            p = self.peers[r] if r < len(self.peers) else None
+            if p is None or p.host != self.host or p.pid == os.getpid():
+                continue                       # another host: the launcher's job to notice
+            try:
+                os.kill(p.pid, 0)
+            except ProcessLookupError:
+                raise PeerFailed(r, "the process is gone (killed or crashed)") from None
+            except PermissionError:
+                pass
+
+    # ---- control channel (head -> workers) -------------------------------------------------------
+    def send_ctrl(self, msg: Message, seq: int) -> None:
+        """(head) the same frame to every worker, in order; returns when all sends completed."""
+        frame = encode(msg, seq)
+        reqs = [self.comm.Isend([frame, self._mpi_int64()], dest=r, tag=TAG_CTRL) for r in range(1, self.size)]
+        for req in reqs:
+            self.wait(req, "a control send")
+
+    def recv_ctrl(self) -> tuple[Message, int]:
+        """(worker) the next control message and its sequence number (Abort raises Aborted)."""
+        if not self._stash:
+            self._poll_until(lambda: bool(self._stash))
+        msg, seq = self._stash.pop(0)
+        if isinstance(msg, Abort):
+            raise Aborted(msg.rank)
+        return msg, seq
+
+    def _post_ctrl_recv(self) -> None:
+        self._ctrl_req = self.comm.Irecv([self._frame, self._mpi_int64()], source=0, tag=TAG_CTRL)
+
+    def _check_ctrl_for_abort(self) -> None:
+        """Move an arrived control frame to the stash; raise Aborted as soon as an Abort is seen."""
+        if self._ctrl_req is not None and self._ctrl_req.Test():
+            msg, seq = decode(self._frame.copy())
+            self._stash.append((msg, seq))
+            self._ctrl_req = None
+            if not isinstance(msg, Abort):
+                self._post_ctrl_recv()       # after an Abort nothing else is coming
+        for msg, _ in self._stash:
+            if isinstance(msg, Abort):
+                raise Aborted(msg.rank)
+
+    # ---- failure reports (worker -> head) --------------------------------------------------------
+    def report_failure(self, text: str) -> None:
+        """(worker) tell the head, in one line, why this rank cannot go on. Best effort, bounded time."""
+        payload = pickle.dumps((self.rank, text[:REPORT_BYTES - 200]))
+        buf = np.zeros(REPORT_BYTES, dtype=np.uint8)
+        buf[:len(payload)] = np.frombuffer(payload, dtype=np.uint8)
+        req = self.comm.Isend([buf, self._mpi().BYTE], dest=0, tag=TAG_REPORT)
+        deadline = time.monotonic() + 5.0
+        while not req.Test() and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    def _post_report_recv(self) -> None:
+        MPI = self._mpi()
+        self._report_req = self.comm.Irecv([self._report_buf, MPI.BYTE], source=MPI.ANY_SOURCE, tag=TAG_REPORT)
+
+    def _check_reports(self) -> None:
+        if self._report_req is not None and self._report_req.Test():
+            self._report_req = None
+            rank, text = pickle.loads(self._report_buf.tobytes())
+            raise PeerFailed(rank, text)
+
+    def poll_failure(self) -> None:
+        """(head) raise PeerFailed if a worker has reported a failure or vanished, else return."""
+        self._check_reports()
+        self._check_liveness()
+
+    # ---- activations -----------------------------------------------------------------------------
+    def isend(self, arr: np.ndarray, dest: int) -> Any:
+        """Start sending a contiguous float32 array; keep `arr` alive until the request is waited."""
+        return self.comm.Isend([arr, self._mpi().FLOAT], dest=dest, tag=TAG_DATA)
+
+    def irecv_into(self, buf: np.ndarray, source: int) -> Any:
+        """Post a receive of a float32 array of exactly buf's shape (buf must be contiguous)."""
+        return self.comm.Irecv([buf, self._mpi().FLOAT], source=source, tag=TAG_DATA)
+
+    # ---- small records (setup, stats) ------------------------------------------------------------
+    def send_obj(self, obj: Any, dest: int) -> None:
+        data = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
+        n = np.array([data.size], dtype=np.int64)
+        MPI = self._mpi()
+        r1 = self.comm.Isend([n, MPI.INT64_T], dest=dest, tag=TAG_OBJ_LEN)
+        r2 = self.comm.Isend([data, MPI.BYTE], dest=dest, tag=TAG_OBJ)
+        self.wait(r1, f"rank {dest}")
+        self.wait(r2, f"rank {dest}")
+
+    def recv_obj(self, source: int) -> Any:
+        MPI = self._mpi()
+        n = np.zeros(1, dtype=np.int64)
+        self.wait(self.comm.Irecv([n, MPI.INT64_T], source=source, tag=TAG_OBJ_LEN), f"rank {source}")
+        data = np.empty(int(n[0]), dtype=np.uint8)
+        self.wait(self.comm.Irecv([data, MPI.BYTE], source=source, tag=TAG_OBJ), f"rank {source}")
+        return pickle.loads(data.tobytes())
+
+    def gather_obj(self, obj: Any) -> list[Any] | None:
+        """(polling gather) the head gets [obj of rank 0, obj of rank 1, ...]; workers get None."""
+        if self.rank != 0:
+            self.send_obj(obj, 0)
+            return None
+        return [obj] + [self.recv_obj(r) for r in range(1, self.size)]
+
+    def bcast_obj(self, obj: Any = None) -> Any:
+        """(polling broadcast) the head's obj, on every rank."""
+        if self.rank == 0:
+            for r in range(1, self.size):
+                self.send_obj(obj, r)
+            return obj
+        return self.recv_obj(0)
+
+    # ---- shutdown --------------------------------------------------------------------------------
+    def send_ctrl_nowait(self, msg: Message, seq: int, grace_s: float) -> None:
+        """(head) send a frame to every worker without trusting anyone to answer: gives up after grace_s."""
+        frame = encode(msg, seq)
+        reqs = [self.comm.Isend([frame, self._mpi_int64()], dest=r, tag=TAG_CTRL) for r in range(1, self.size)]
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and not all(req.Test() for req in reqs):
+            time.sleep(0.001)
+
+    def await_abort(self, timeout_s: float) -> None:
+        """(worker, after reporting a failure) wait for the head's Abort; if none comes, abort the job."""
+        deadline = time.monotonic() + timeout_s
+        try:
+            self._poll_until(lambda: time.monotonic() > deadline)
+        except (Aborted, PeerFailed):
+            return
+        self.abort_job(1, f"rank {self.rank}: the head did not answer a failure report")
+
+    def abort_job(self, code: int, text: str) -> None:
+        """Last resort when a peer does not answer: one line on stderr, then MPI_Abort (the launcher
+        takes every rank down)."""
+        print(f"llama-mpi: {text}; aborting the MPI job", file=sys.stderr, flush=True)
+        self.comm.Abort(code)
+
+    def close(self, disconnect: bool = True) -> None:
+        """Release pending receives; in spawn mode also disconnect (only when every rank is closing
+        cleanly: Disconnect waits for the other side). MPI_Finalize runs at interpreter exit."""
+        if self._closed:
+            return
+        self._closed = True
+        for req in (self._report_req, self._ctrl_req):
+            if req is not None and not req.Test():
+                req.Cancel()
+                req.Wait()
+        self._report_req = self._ctrl_req = None
+        if self._inter is not None and disconnect:
+            self.comm.Free()
+            self._inter.Disconnect()
+
+    @staticmethod
+    def _mpi() -> Any:
+        return mpi()
+
+    def _mpi_int64(self) -> Any:
+        return self._mpi().INT64_T
+
+
+# ---- the three ways to get a communicator -------------------------------------------------------
+
+def world() -> Transport:
+    """Mode 1 (under mpiexec) and mode 3 (singleton): COMM_WORLD, head = rank 0."""
+    return Transport(mpi().COMM_WORLD)
+
+
+def spawn_workers(n_workers: int, args: list[str], hostfile: str | None = None) -> Transport:
+    """Mode 2: this process (a singleton) spawns `python args...` n_workers times and merges: head = 0."""
+    MPI = mpi()
+    info = MPI.Info.Create()
+    if hostfile:
+        info.Set("hostfile", hostfile)
+    inter = MPI.COMM_SELF.Spawn(sys.executable, args=args, maxprocs=n_workers, info=info)
+    info.Free()
+    return Transport(inter.Merge(high=False), intercomm=inter)
+
+
+def join_parent() -> Transport | None:
+    """A spawned worker joins its head's merged communicator; None when not spawned."""
+    MPI = mpi()
+    parent = MPI.Comm.Get_parent()
+    if parent == MPI.COMM_NULL:
+        return None
+    return Transport(parent.Merge(high=True), intercomm=parent)
+
+
+def is_spawned() -> bool:
+    MPI = mpi()
+    return MPI.Comm.Get_parent() != MPI.COMM_NULL
+
+
+def processor_name() -> str:
+    return mpi().Get_processor_name()
+

@@ -1,0 +1,70 @@
+"""Test driver for the MPI pipeline (not a test module): greedy generation from token ids, run by the
+tests under mpiexec, in spawn mode or in one process. Saves tokens and logits on the head.
+
+usage: python tests/mpi_driver.py OUT.npz PROMPT_IDS N_GEN [--all-logits] [--keep K] -- <llama-mpi options>
+PROMPT_IDS is "1,2,3". When the context is full it shifts like llama.cpp main: keep K tokens after
+position 0, discard half of the rest.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from chat.launch import start_cluster          # noqa: E402
+from chat.options import parse_options          # noqa: E402
+from core.errors import LlamaMpiError           # noqa: E402
+
+
+def generate(pipe, prompt: list[int], n_gen: int, all_logits: bool, n_keep: int):
+    tokens, logits_out, shifts = [], [], []
+    first = pipe.eval(prompt, all_logits=all_logits)
+    logits_out.append(first if all_logits else first[None, :])
+    last = first[-1] if all_logits else first
+    for _ in range(n_gen):
+        tok = int(np.argmax(last))
+        tokens.append(tok)
+        if pipe.n_past + 1 > pipe.n_ctx:
+            n_left = pipe.n_past - n_keep - 1
+            n_discard = n_left // 2
+            pipe.kv_shift(n_keep + 1, n_discard)
+            shifts.append(pipe.n_past)
+        last = pipe.eval([tok])
+        logits_out.append(last[None, :])
+    return tokens, np.concatenate(logits_out), shifts
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    sep = argv.index("--")
+    mine, rest = argv[:sep], argv[sep + 1:]
+    out, prompt, n_gen = mine[0], [int(x) for x in mine[1].split(",")], int(mine[2])
+    all_logits = "--all-logits" in mine
+    n_keep = int(mine[mine.index("--keep") + 1]) if "--keep" in mine else 0
+    try:
+        opts = parse_options(rest)
+        pipe = start_cluster(opts)
+    except LlamaMpiError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    if pipe is None:
+        return 0
+    try:
+        tokens, logits, shifts = generate(pipe, prompt, n_gen, all_logits, n_keep)
+        stats = pipe.stats()
+        np.savez(out, tokens=np.array(tokens), logits=logits, shifts=np.array(shifts),
+                 ranks=np.array([len(s.layers) for s in stats]), rss=np.array([s.rss_bytes for s in stats]))
+        print("tokens", " ".join(map(str, tokens)), flush=True)
+        return 0
+    except LlamaMpiError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        pipe.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
