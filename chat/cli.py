@@ -1,0 +1,210 @@
+"""`llama-mpi` (console script) and `python -m chat`: options -> cluster -> chat on rank 0.
+
+Owns the order of start-up: parse the options (every rank), start the cluster (chat/launch.py; worker
+ranks serve there and leave with 0), then on rank 0 read the prompt/script files, build the session and
+run it. Any error after the cluster started closes the pipeline first, so no rank is left behind.
+Errors are one line, `error: ...`, exit 2 for bad usage, 1 for the rest, 130 after Ctrl-C.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from core.errors import LlamaMpiError, UsageError
+
+from .options import ChatOptions, env_no_color, fill_prompt_vars, parse_options
+from .render import Renderer
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_MODEL = REPO.parent / "shared" / "fixtures" / "models" / "stories260K.gguf"
+DEMO_N_PREDICT = 256          # the demo bounds each reply (llama.cpp's -n -1 would run on)
+EXIT_USAGE, EXIT_ERROR = 2, 1
+
+
+def synthetic_demo_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "llama-mpi" / "synthetic-tiny-f32.gguf"
+
+
+def resolve_demo(opts: ChatOptions) -> tuple[ChatOptions, str | None]:
+    """No -m: stories260K beside the repo, else a synthetic model (written once); returns the banner."""
+    if not opts.demo:
+        return opts, None
+    changes: dict = {}
+    if opts.n_predict == -1:
+        changes["n_predict"] = DEMO_N_PREDICT
+    if not (opts.prompt or opts.prompt_file or opts.is_interactive):
+        changes["interactive_first"] = True
+    if DEMO_MODEL.is_file():
+        banner = f"demo model: {DEMO_MODEL.name} (a 260K-parameter TinyStories model; pass -m FILE for yours)"
+        return replace(opts, model=str(DEMO_MODEL), **changes), banner
+    path = synthetic_demo_path()
+    if not path.is_file():
+        from core.synth import write_synthetic
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        write_synthetic(tmp, preset="tiny", qtype="f32", seed=0)
+        os.replace(tmp, path)
+    banner = (f"demo model: {path} -- a synthetic model whose weights are RANDOM: its output is gibberish "
+              "(pass -m FILE for a real model)")
+    return replace(opts, model=str(path), **changes), banner
+
+
+def start_pipeline(opts: ChatOptions, ui: Renderer):
+    """The pipeline for these options: chat/launch.py decides the mode; None on worker ranks."""
+    from .launch import start_cluster
+    return start_cluster(opts, on_plan=lambda plan: ui.info(str(plan)))
+
+
+def read_prompt(opts: ChatOptions) -> str:
+    """The initial prompt: -p text, or the -f file with one trailing newline stripped; vars filled."""
+    text = opts.prompt
+    if opts.prompt_file is not None:
+        try:
+            data = Path(opts.prompt_file).read_bytes()
+        except FileNotFoundError:
+            raise UsageError(f"-f/--file: prompt file '{opts.prompt_file}' not found") from None
+        except OSError as exc:
+            raise UsageError(f"-f/--file: cannot read '{opts.prompt_file}': {exc.strerror}") from None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"-f/--file: '{opts.prompt_file}' is not valid UTF-8 (byte {exc.start})") from None
+        if text.endswith("\n"):
+            text = text[:-1]
+    return fill_prompt_vars(text, opts.prompt_vars, "prompt")
+
+
+class Prepared:
+    """What rank 0 reads from local files before the chat starts (validated, never sent to workers)."""
+
+    def __init__(self, opts: ChatOptions):
+        from .script import load_script
+        v = opts.prompt_vars
+        self.prompt = read_prompt(opts)
+        self.reverse_prompts = tuple(fill_prompt_vars(r, v, "-r/--reverse-prompt") for r in opts.reverse_prompts)
+        self.input_prefix = fill_prompt_vars(opts.input_prefix, v, "--in-prefix")
+        self.input_suffix = fill_prompt_vars(opts.input_suffix, v, "--in-suffix")
+        self.script = load_script(opts.script) if opts.script else None
+
+
+def _worker_rank() -> bool:
+    for key in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        if os.environ.get(key, "0") != "0":
+            return True
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    color = "--color" in argv and not env_no_color()
+    ui = Renderer(color)
+    try:
+        opts = parse_options(argv)
+    except UsageError as exc:
+        ui.error(str(exc))
+        return EXIT_USAGE
+    ui = Renderer(opts.color and not env_no_color())
+    prepared, problem = None, None
+    try:
+        opts, banner = resolve_demo(opts)
+        if not _worker_rank():
+            try:
+                prepared = Prepared(opts)
+            except LlamaMpiError as exc:
+                problem = exc
+                if not _under_launcher():
+                    raise            # nothing started yet: fail at once
+        t0 = time.perf_counter()
+        pipeline = start_pipeline(opts, ui)
+    except UsageError as exc:
+        ui.error(str(exc))
+        return EXIT_USAGE
+    except LlamaMpiError as exc:
+        ui.error(str(exc))
+        return EXIT_ERROR
+    if pipeline is None:
+        return 0                                  # a worker rank: served until shutdown
+    try:
+        if problem is not None:
+            raise problem
+        return run_head(opts, pipeline, prepared, ui, banner, load_ms=1000.0 * (time.perf_counter() - t0))
+    except UsageError as exc:
+        ui.error(str(exc))
+        return EXIT_USAGE
+    except LlamaMpiError as exc:
+        ui.error(str(exc))
+        return EXIT_ERROR
+    finally:
+        pipeline.close()
+
+
+def _under_launcher() -> bool:
+    from .repl import under_mpiexec
+    return under_mpiexec()
+
+
+def run_head(opts: ChatOptions, pipeline, prepared: Prepared, ui: Renderer, banner: str | None,
+             load_ms: float) -> int:
+    """Rank 0 after the cluster is up: tokenizer, session, banner, then the chat."""
+    from core.tokenizer import Tokenizer
+
+    from .repl import make_reader
+    from .script import Transcript, settings_of
+    from .session import ChatSession
+
+    tokenizer = Tokenizer.from_path(opts.model)
+    reader = make_reader(opts, ui, prepared.script) if opts.is_interactive else None
+    transcript = Transcript(settings=settings_of(opts, Path(opts.model).name, int(pipeline.n_ctx)))
+    session = ChatSession(opts, pipeline, tokenizer, ui, reader, prompt=prepared.prompt,
+                          reverse_prompts=prepared.reverse_prompts, input_prefix=prepared.input_prefix,
+                          input_suffix=prepared.input_suffix, transcript=transcript, load_ms=load_ms)
+    if banner:
+        ui.info(banner)
+    print_preamble(opts, session, ui, prepared)
+    return session.run()
+
+
+def print_preamble(opts: ChatOptions, session, ui: Renderer, prepared: Prepared) -> None:
+    """What llama.cpp main logs before generating (stderr): verbose prompt, modes, sampling, controls."""
+    state = session.state
+    tok = session.tok
+    if opts.verbose_prompt:
+        ui.note(f"prompt: '{prepared.prompt}'")
+        ui.note(f"number of tokens in prompt = {len(state.embd_inp)}")
+        for t in state.embd_inp:
+            piece = tok.token_to_piece(t, special=True).decode("utf-8", errors="replace")
+            ui.note(f"{t:6d} -> '{piece}'")
+        if state.c.n_keep > 0:
+            kept = b"".join(tok.token_to_piece(t, special=True) for t in state.embd_inp[:state.c.n_keep])
+            ui.note(f"static prompt based on n_keep: '{kept.decode('utf-8', errors='replace')}'")
+    if state.interactive:
+        ui.info("interactive mode on.")
+        for rp in state.reverse_prompts:
+            ui.info(f"Reverse prompt: '{rp}'")
+        if opts.input_prefix_bos:
+            ui.info("Input prefix with BOS")
+        if prepared.input_prefix:
+            ui.info(f"Input prefix: '{prepared.input_prefix}'")
+        if prepared.input_suffix:
+            ui.info(f"Input suffix: '{prepared.input_suffix}'")
+    ui.info(f"sampling: seed = {session.seed}\n{session.sampler.params.describe()}")
+    ui.info(f"generate: n_ctx = {session.n_ctx}, n_batch = {opts.n_batch}, n_predict = {opts.n_predict}, "
+            f"n_keep = {state.c.n_keep}")
+    if state.interactive:
+        if opts.multiline_input:
+            ctl = (" - To return control to the model, end your input with '\\'.\n"
+                   " - To return control without starting a new line, end your input with '/'.")
+        else:
+            ctl = (" - Press Return to return control to the model.\n"
+                   " - To return control without starting a new line, end your input with '/'.\n"
+                   " - If you want to submit another line, end your input with '\\'.")
+        ui.info("== Running in interactive mode. ==\n - Press Ctrl+C to interject at any time.\n" + ctl +
+                "\n - /help lists the commands; Ctrl-D quits.\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

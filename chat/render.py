@@ -1,0 +1,175 @@
+"""Everything rank 0 shows: the conversation stream on stdout, notes and errors on stderr, via rich.
+
+Owns the colours of DESIGN.md §5 (`--color`: initial prompt yellow, user input bold green, generation
+default, errors bold red; NO_COLOR wins), the streaming of token pieces (never half a UTF-8 character),
+the per-rank stats table and the timings block. It reads no input and knows nothing of the model.
+A pipe or a narrow terminal never breaks output: the stream is written soft-wrapped, unpadded.
+"""
+from __future__ import annotations
+
+import codecs
+import sys
+from typing import Callable, Iterable, TextIO
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+STYLES = {
+    "prompt": "yellow",
+    "user": "bold green",
+    "output": "",
+    "error": "bold red",
+    "info": "dim",
+}
+
+
+class PieceStream:
+    """Token ids -> text, holding back an incomplete UTF-8 sequence until its last byte arrives."""
+
+    def __init__(self, piece: Callable[[int], bytes]):
+        self._piece = piece
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, tokens: Iterable[int]) -> str:
+        return self._decoder.decode(b"".join(self._piece(t) for t in tokens))
+
+    def flush(self) -> str:
+        """Whatever is held back (an unfinished character becomes U+FFFD), and start afresh."""
+        text = self._decoder.decode(b"", final=True)
+        self._decoder.reset()
+        return text
+
+
+class Renderer:
+    """The one place that writes to the user.
+
+    Args:
+        color: --color and not NO_COLOR.
+        out: the conversation stream (stdout).
+        err: notes, timings and errors (stderr), like llama.cpp's LOG_TEE.
+    """
+
+    def __init__(self, color: bool, out: TextIO | None = None, err: TextIO | None = None):
+        self.color = color
+        out = out or sys.stdout
+        err = err or sys.stderr
+        common = dict(highlight=False, markup=False, emoji=False, soft_wrap=True,
+                      color_system="standard" if color else None, no_color=not color)
+        # force_terminal when colour is asked for: under mpiexec stdout is a pipe but the user sees it
+        self.out = Console(file=out, force_terminal=True if color else None, **common)
+        self.err = Console(file=err, stderr=True, force_terminal=True if color else None, **common)
+        self.at_line_start = True
+        self.echo_user = False          # set by the reader when the terminal does not echo input
+
+    # -- the conversation stream ----------------------------------------------------------------
+
+    def stream(self, text: str, style: str = "output") -> None:
+        """Append text to the conversation (no newline added); flushed at once."""
+        if not text:
+            return
+        self.out.print(Text(text, style=STYLES.get(style, "")), end="")
+        self.out.file.flush()
+        self.at_line_start = text.endswith("\n")
+
+    def begin_user_input(self) -> None:
+        """Plain line mode: colour what the terminal echoes (llama.cpp's console::user_input)."""
+        if self.color:
+            self.out.file.write("\x1b[1;32m")
+            self.out.file.flush()
+
+    def end_user_input(self) -> None:
+        if self.color:
+            self.out.file.write("\x1b[0m")
+            self.out.file.flush()
+
+    def user_echo(self, text: str) -> None:
+        """Show a turn that came from a script or a pipe (nobody typed it on this screen)."""
+        self.stream(text, "user")
+
+    # -- side channel (stderr) ------------------------------------------------------------------
+
+    def info(self, text: str) -> None:
+        self.err.print(Text(text, style=STYLES["info"]))
+
+    def note(self, text: str) -> None:
+        self.err.print(Text(text))
+
+    def error(self, text: str) -> None:
+        """One line: `error: ...` in bold red."""
+        self.err.print(Text(f"error: {text}", style=STYLES["error"]))
+
+    def table(self, table: Table, to_err: bool = False) -> None:
+        (self.err if to_err else self.out).print(table)
+
+    def newline_if_needed(self) -> None:
+        if not self.at_line_start:
+            self.stream("\n")
+
+
+def stats_table(stats: list, n_tokens: int, title: str = "per-rank stats") -> Table:
+    """A table of `pipeline.stats()` rows: layers, ms/token, bytes/token, RSS, KV fill.
+
+    n_tokens: positions evaluated so far (prompt + fed-back tokens), to turn totals into per-token ms.
+    """
+    table = Table(title=title, show_edge=False, header_style="bold")
+    for col in ("rank", "host", "layers", "compute ms/tok", "wait ms/tok", "bytes/tok", "RSS MiB", "KV fill"):
+        table.add_column(col, justify="left" if col in ("host", "layers") else "right")
+    per = max(n_tokens, 1)
+    for s in stats:
+        layers = getattr(s, "layers", None)
+        layer_text = f"{layers.start}-{layers.stop - 1}" if isinstance(layers, range) and len(layers) else "-"
+        compute, wait = getattr(s, "compute_ms", None), getattr(s, "wait_ms", None)
+        table.add_row(
+            str(getattr(s, "rank", "?")), str(getattr(s, "host", "?")), layer_text,
+            _num(None if compute is None else compute / per), _num(None if wait is None else wait / per),
+            _int(getattr(s, "bytes_per_token", None)), _mib(getattr(s, "rss_bytes", None)), _kv(s))
+    return table
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{float(value):.2f}"
+
+
+def _int(value) -> str:
+    return "-" if value is None else f"{int(value):,}"
+
+
+def _mib(value) -> str:
+    return "-" if value is None else f"{value / 2**20:.1f}"
+
+
+def _kv(s) -> str:
+    n_past, n_ctx = getattr(s, "n_past", None), getattr(s, "n_ctx", None)
+    if n_past is None or not n_ctx:
+        return "-"
+    return f"{n_past}/{n_ctx} ({100.0 * n_past / n_ctx:.0f}%)"
+
+
+def timings_text(t: dict) -> str:
+    """llama_print_timings' block from the session's counters (milliseconds)."""
+    def line(name: str, ms: float, n: int | None = None, unit: str = "tokens") -> str:
+        if n is None:
+            return f"llama-mpi timings: {name:>16} = {ms:10.2f} ms"
+        per = ms / n if n else 0.0
+        tps = 1000.0 * n / ms if ms > 0 else 0.0
+        return (f"llama-mpi timings: {name:>16} = {ms:10.2f} ms / {n:5d} {unit:6} "
+                f"({per:8.2f} ms per token, {tps:8.2f} tokens per second)")
+    return "\n".join([
+        line("load time", t["load_ms"]),
+        line("sample time", t["sample_ms"], t["n_sample"], "runs"),
+        line("prompt eval time", t["prompt_ms"], t["n_prompt_eval"], "tokens"),
+        line("eval time", t["eval_ms"], t["n_eval"], "runs"),
+        line("total time", t["total_ms"]),
+    ])
+
+
+def toolbar_text(n_past: int, n_ctx: int, tok_per_s: float | None, rank_ms: list[float]) -> str:
+    """The prompt_toolkit bottom toolbar: context fill, last turn's speed, per-rank ms/token."""
+    parts = [f"ctx {n_past}/{n_ctx} ({100.0 * n_past / max(n_ctx, 1):.0f}%)"]
+    if tok_per_s:
+        parts.append(f"{tok_per_s:.1f} tok/s")
+    if rank_ms:
+        parts.append("ranks ms/tok " + " ".join(f"{i}:{ms:.1f}" for i, ms in enumerate(rank_ms)))
+    parts.append("/help  Ctrl-C stop  Ctrl-D quit")
+    return "  |  ".join(parts)

@@ -1,0 +1,145 @@
+"""Where user turns come from on rank 0: a prompt_toolkit session on a terminal, a plain line reader on a
+pipe (under mpiexec, piped stdin, --simple-io), or a --script file. All three apply chat/lines.py's rules,
+so a turn means the same whatever the source.
+
+Owns: line editing, history (a file in the user's data directory), the key bindings for `\\`, `/` and
+--multiline-input, and the bottom toolbar. It never talks to the pipeline; Ctrl-C at the prompt surfaces
+as KeyboardInterrupt and end of input as None.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+from .lines import LineAssembler, ScriptTurn, join_turn, wants_more
+from .render import Renderer
+
+if TYPE_CHECKING:
+    from .session import ChatSession
+
+
+def under_mpiexec() -> bool:
+    """Started by an MPI launcher (hydra sets PMI_RANK; Open MPI sets OMPI_COMM_WORLD_RANK)."""
+    return "PMI_RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ or "PMIX_RANK" in os.environ
+
+
+class PlainReader:
+    """Lines from a text stream (stdin under mpiexec or from a pipe), with the same line rules.
+
+    Args:
+        stream: where lines come from.
+        ui: the renderer (user-input colour; echo of turns nobody typed on this screen).
+        multiline: --multiline-input.
+        echo: print each turn (input piped from a file: the terminal did not show it).
+    """
+
+    def __init__(self, stream: TextIO, ui: Renderer, multiline: bool, echo: bool):
+        self.stream = stream
+        self.ui = ui
+        self.multiline = multiline
+        self.echo = echo
+
+    def read_turn(self, session: "ChatSession", instruct: bool) -> str | None:
+        lines = LineAssembler(self.multiline)
+        self.ui.begin_user_input()
+        try:
+            while True:
+                raw = self.stream.readline()
+                if not raw:                          # end of input: what was typed so far, then None
+                    turn = lines.finish()
+                    break
+                if self.echo:
+                    self.ui.user_echo(raw if raw.endswith("\n") else raw + "\n")
+                turn = lines.feed(raw.rstrip("\n").rstrip("\r"))
+                if turn is not None:
+                    break
+        finally:
+            self.ui.end_user_input()
+        self.ui.at_line_start = True
+        return turn
+
+
+class ScriptReader:
+    """--script: one turn per block, echoed in the user colour as if typed."""
+
+    def __init__(self, turns: list[ScriptTurn], ui: Renderer):
+        self.turns = list(turns)
+        self.ui = ui
+
+    def read_turn(self, session: "ChatSession", instruct: bool) -> str | None:
+        if not self.turns:
+            return None
+        turn = self.turns.pop(0).text()
+        self.ui.user_echo(turn)
+        self.ui.at_line_start = True
+        return turn
+
+
+def history_path() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "llama-mpi" / "history"
+
+
+class TerminalReader:
+    """prompt_toolkit on a real terminal: editing, history, multiline rules, toolbar."""
+
+    def __init__(self, ui: Renderer, multiline: bool):
+        from prompt_toolkit import PromptSession
+        from prompt_toolkit.history import FileHistory, InMemoryHistory
+        from prompt_toolkit.key_binding import KeyBindings
+        from prompt_toolkit.styles import Style
+
+        self.ui = ui
+        self.multiline = multiline
+        kb = KeyBindings()
+
+        @kb.add("enter")
+        def _(event):
+            buf = event.current_buffer
+            if wants_more(buf.document.text_before_cursor, multiline):
+                buf.insert_text("\n")
+            else:
+                buf.validate_and_handle()
+
+        @kb.add("escape", "enter")
+        def _(event):
+            event.current_buffer.validate_and_handle()
+
+        try:
+            path = history_path()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            history = FileHistory(str(path))
+        except OSError:
+            history = InMemoryHistory()
+        style = {"": "bold ansigreen"} if ui.color else {}
+        style.update({"bottom-toolbar": "noreverse bg:ansiblack ansigray" if ui.color else "noreverse"})
+        self.prompt_session = PromptSession(history=history, key_bindings=kb, multiline=True,
+                                            style=Style.from_dict(style), include_default_pygments_style=False,
+                                            color_depth=None if ui.color else _mono_depth())
+
+    def read_turn(self, session: "ChatSession", instruct: bool) -> str | None:
+        session.refresh_rank_ms()
+        try:
+            text = self.prompt_session.prompt("", bottom_toolbar=session.toolbar,
+                                              prompt_continuation=lambda width, line, soft: "")
+        except EOFError:
+            return None
+        self.ui.at_line_start = True
+        return join_turn(text.split("\n"), self.multiline)
+
+
+def _mono_depth():
+    from prompt_toolkit.output import ColorDepth
+    return ColorDepth.MONOCHROME
+
+
+def make_reader(opts, ui: Renderer, script_turns: list[ScriptTurn] | None):
+    """The reader for this run: --script, else prompt_toolkit on a terminal, else plain lines."""
+    if script_turns is not None:
+        return ScriptReader(script_turns, ui)
+    tty = sys.stdin.isatty() and sys.stdout.isatty()
+    if tty and not opts.simple_io and not under_mpiexec():
+        return TerminalReader(ui, opts.multiline_input)
+    return PlainReader(sys.stdin, ui, opts.multiline_input, echo=not sys.stdin.isatty() and not under_mpiexec())

@@ -1,0 +1,290 @@
+"""The driver on rank 0: answers ChatState's requests with the pipeline, the sampler and a reader.
+
+Owns the conversation's run time: Ctrl-C (first press: stop at the next token and prompt; at the prompt
+or a second press: timings, exit 130), end of input (exit 0), slash commands, timings, the transcript
+and the toolbar numbers. Every evaluation and KV-cache change goes through `pipeline` (so every rank
+replays it); nothing here touches MPI directly, reads a terminal directly or chooses colours.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from core.errors import LlamaMpiError
+from core.sampling import Sampler, SamplingParams
+
+from .commands import Command, help_text, parse_command
+from .options import ChatOptions
+from .render import PieceStream, Renderer, stats_table, timings_text, toolbar_text
+from .script import Transcript
+from .state import (Accept, ChatState, Done, Eval, Print, Read, ResetHistory, Sample, Shift, Show,
+                    UserTurn)
+
+EXIT_INTERRUPTED = 130
+
+
+class Reader(Protocol):
+    def read_turn(self, session: "ChatSession", instruct: bool) -> str | None: ...
+
+
+class _Quit(Exception):
+    def __init__(self, code: int):
+        self.code = code
+
+
+class _Restart(Exception):
+    pass
+
+
+def make_sampler(opts: ChatOptions, tokenizer, n_vocab: int, n_ctx: int) -> tuple[Sampler, int]:
+    """The sampler of the options (seed -1 resolved from the clock); --ignore-eos bans the end tokens."""
+    names = {f for f in SamplingParams.__dataclass_fields__}
+    params = SamplingParams(**{name: getattr(opts, name) for name in names if hasattr(opts, name)})
+    if opts.ignore_eos:
+        for eog in sorted(getattr(tokenizer, "eog_ids", None) or {tokenizer.eos_id}):
+            params = params.with_logit_bias(int(eog), float("-inf"))
+    seed = opts.seed if opts.seed >= 0 else int(time.time()) & 0xFFFFFFFF
+    return Sampler(params, n_vocab, seed, nl_id=getattr(tokenizer, "nl_id", None), n_ctx=n_ctx), seed
+
+
+@dataclass
+class Timings:
+    load_ms: float = 0.0
+    sample_ms: float = 0.0
+    n_sample: int = 0
+    prompt_ms: float = 0.0
+    n_prompt_eval: int = 0
+    eval_ms: float = 0.0
+    n_eval: int = 0
+    t_start: float = field(default_factory=time.perf_counter)
+    turn_tokens: int = 0            # generated this turn (toolbar speed)
+    turn_ms: float = 0.0
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["total_ms"] = 1000.0 * (time.perf_counter() - self.t_start) + self.load_ms
+        return d
+
+
+class ChatSession:
+    """One chat on rank 0 (restarted by /reset).
+
+    Args:
+        opts: options; prompt: the final initial prompt text; reverse_prompts, input_prefix/suffix:
+            with --prompt-var placeholders filled.
+        pipeline: core.pipeline Pipeline (local or MPI head); tokenizer: core.tokenizer Tokenizer.
+        ui: Renderer; reader: where user turns come from (None: non-interactive).
+        transcript: recorder for --transcript and /save.
+    """
+
+    def __init__(self, opts: ChatOptions, pipeline, tokenizer, ui: Renderer, reader: Reader | None, *,
+                 prompt: str, reverse_prompts: tuple[str, ...] = (), input_prefix: str = "",
+                 input_suffix: str = "", transcript: Transcript | None = None, load_ms: float = 0.0):
+        self.opts = opts
+        self.pipeline = pipeline
+        self.tok = tokenizer
+        self.ui = ui
+        self.reader = reader
+        self.prompt = prompt
+        self.reverse_prompts = reverse_prompts
+        self.input_prefix = input_prefix
+        self.input_suffix = input_suffix
+        self.transcript = transcript or Transcript()
+        self.n_ctx = int(pipeline.n_ctx)
+        self.n_vocab = int(pipeline.config.n_vocab)
+        self.sampler, self.seed = make_sampler(opts, tokenizer, self.n_vocab, self.n_ctx)
+        self.timings = Timings(load_ms=load_ms)
+        self.state = self._new_state()           # raises ContextOverflowError before anything runs
+        self.pieces = PieceStream(lambda t: tokenizer.token_to_piece(t, special=False))
+        self.logits: np.ndarray | None = None
+        self.generating = False
+        self.reading = False
+        self.interrupts = 0
+        self.rank_ms: list[float] = []
+
+    def _new_state(self) -> ChatState:
+        return ChatState(self.opts, self.tok, self.n_ctx, self.prompt, self.reverse_prompts,
+                         self.input_prefix, self.input_suffix)
+
+    # -- Ctrl-C -----------------------------------------------------------------------------------
+
+    def on_sigint(self, signum=None, frame=None) -> None:
+        """SIGINT on rank 0: raise at the prompt, else ask the loop to stop (a third press kills)."""
+        if self.reading:
+            raise KeyboardInterrupt
+        self.interrupts += 1
+        if self.interrupts >= 3:
+            os._exit(EXIT_INTERRUPTED)
+
+    def _check_interrupt(self) -> None:
+        if not self.interrupts:
+            return
+        if self.interrupts >= 2 or not self.state.interactive:
+            raise _Quit(EXIT_INTERRUPTED)
+        self.interrupts = 0
+        self.state.interrupt()
+
+    # -- main loop --------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run until end of input, /quit, Ctrl-C at the prompt or the end of generation; the exit code."""
+        previous = signal.signal(signal.SIGINT, self.on_sigint)
+        try:
+            while True:
+                try:
+                    return self._run_state()
+                except _Restart:
+                    self.pipeline.kv_clear()
+                    self.sampler.reset()
+                    self.state = self._new_state()
+                    self.ui.newline_if_needed()
+                    self.ui.info("context cleared on every rank; starting again from the initial prompt")
+        except _Quit as q:
+            self.finish(interrupted=q.code == EXIT_INTERRUPTED)
+            return q.code
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _run_state(self) -> int:
+        gen = self.state.run()
+        reply = None
+        while True:
+            req = gen.send(reply)
+            reply = None
+            if isinstance(req, Eval):
+                self._eval(req.tokens)
+                self._check_interrupt()
+            elif isinstance(req, Sample):
+                t0 = time.perf_counter()
+                reply = self.sampler.sample(self.logits)
+                self.timings.sample_ms += 1000.0 * (time.perf_counter() - t0)
+                self.timings.n_sample += 1
+            elif isinstance(req, Accept):
+                for t in req.tokens:
+                    self.sampler.accept(t)
+            elif isinstance(req, ResetHistory):
+                self.sampler.reset()
+            elif isinstance(req, Show):
+                self._emit(self.pieces.add(req.tokens), req.style)
+            elif isinstance(req, Print):
+                self._emit(self.pieces.flush(), "output")
+                self._emit(req.text, req.style)
+            elif isinstance(req, Shift):
+                self.pipeline.kv_shift(req.n_keep, req.n_discard)
+            elif isinstance(req, Read):
+                self._emit(self.pieces.flush(), "output")
+                reply = self._read(req.instruct)
+            elif isinstance(req, UserTurn):
+                self.transcript.user(req.text)
+            elif isinstance(req, Done):
+                self._emit(self.pieces.flush(), "output")
+                self.finish(interrupted=False)
+                return 0
+
+    def _emit(self, text: str, style: str) -> None:
+        if text:
+            self.ui.stream(text, style)
+            self.transcript.add(text)
+
+    def _eval(self, tokens: tuple[int, ...]) -> None:
+        self.generating = True
+        t0 = time.perf_counter()
+        self.logits = self.pipeline.eval(list(tokens))
+        ms = 1000.0 * (time.perf_counter() - t0)
+        self.generating = False
+        if len(tokens) == 1 and self.state.c.n_consumed >= len(self.state.embd_inp):
+            self.timings.eval_ms += ms      # a sampled token fed back
+            self.timings.n_eval += 1
+            self.timings.turn_ms += ms
+            self.timings.turn_tokens += 1
+        else:
+            self.timings.prompt_ms += ms
+            self.timings.n_prompt_eval += len(tokens)
+
+    def _read(self, instruct: bool) -> str | None:
+        """The next user turn, handling slash commands and Ctrl-C at the prompt."""
+        if self.reader is None:
+            return None
+        while True:
+            self.interrupts = 0
+            self.reading = True
+            try:
+                text = self.reader.read_turn(self, instruct)
+            except KeyboardInterrupt:
+                raise _Quit(EXIT_INTERRUPTED) from None
+            finally:
+                self.reading = False
+            self.timings.turn_tokens, self.timings.turn_ms = 0, 0.0
+            if text is None:
+                return None
+            cmd = parse_command(text)
+            if cmd is None:
+                return text
+            self._command(cmd)
+
+    def _command(self, cmd: Command) -> None:
+        ui = self.ui
+        if cmd.name == "/help":
+            ui.note(help_text())
+        elif cmd.name == "/quit":
+            raise _Quit(0)
+        elif cmd.name == "/reset":
+            raise _Restart()
+        elif cmd.name == "/stats":
+            ui.table(stats_table(self.pipeline.stats(), self.n_evaluated))
+            ui.note(timings_text(self.timings.as_dict()))
+        elif cmd.name == "/save":
+            if not cmd.arg:
+                ui.error("/save needs a file name: /save FILE")
+                return
+            try:
+                self._fill_run_facts()
+                self.transcript.save(cmd.arg)
+                ui.info(f"transcript saved to {cmd.arg}")
+            except LlamaMpiError as exc:
+                ui.error(str(exc))
+        else:
+            ui.error(f"unknown command {cmd.arg}; /help lists the commands")
+
+    # -- numbers for the toolbar and the end --------------------------------------------------------
+
+    @property
+    def n_evaluated(self) -> int:
+        return self.timings.n_prompt_eval + self.timings.n_eval
+
+    def toolbar(self) -> str:
+        t = self.timings
+        speed = 1000.0 * t.turn_tokens / t.turn_ms if t.turn_ms > 0 else None
+        return toolbar_text(self.state.c.n_past, self.n_ctx, speed, self.rank_ms)
+
+    def refresh_rank_ms(self) -> None:
+        """Per-rank compute ms/token for the toolbar (one stats round trip, between turns only)."""
+        try:
+            per = max(self.n_evaluated, 1)
+            self.rank_ms = [float(getattr(s, "compute_ms", 0.0) or 0.0) / per for s in self.pipeline.stats()]
+        except LlamaMpiError:
+            self.rank_ms = []
+
+    def _fill_run_facts(self) -> None:
+        t = self.transcript
+        t.run = [("ranks", str(len(self.rank_ms) or "?")), ("seed", str(self.seed)),
+                 ("context shifts", str(self.state.c.n_shifts)),
+                 ("tokens", f"prompt {self.state.c.n_prompt}, generated {self.state.c.n_generated}")]
+        t.timings = timings_text(self.timings.as_dict())
+
+    def finish(self, interrupted: bool) -> None:
+        """Timings on stderr (like llama_print_timings) and the --transcript file."""
+        self.ui.newline_if_needed()
+        self.refresh_rank_ms()
+        self.ui.info(timings_text(self.timings.as_dict()))
+        if self.opts.transcript:
+            self._fill_run_facts()
+            try:
+                self.transcript.save(self.opts.transcript)
+            except LlamaMpiError as exc:
+                self.ui.error(str(exc))
