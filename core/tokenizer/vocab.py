@@ -1,0 +1,196 @@
+"""The vocabulary as llama.cpp's llama_vocab::load sees it: tokens, scores, attributes, flags, special ids.
+
+Owns: validating `tokenizer.ggml.*` metadata (a dict from core/tokenizer/gguf_meta.py) and applying
+llama.cpp's defaults (special ids per model type, add_bos/add_eos, add_space_prefix, clean_spaces,
+ignore_merges per pre-tokenizer, the end-of-generation set). Must not tokenize or detokenize.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from core.errors import TokenizerError
+
+# Token attributes (llama_token_attr bits), mapped from GGUF token types 0..6.
+ATTR_UNDEFINED, ATTR_UNKNOWN, ATTR_UNUSED, ATTR_NORMAL = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+ATTR_CONTROL, ATTR_USER_DEFINED, ATTR_BYTE = 1 << 4, 1 << 5, 1 << 6
+_TYPE_TO_ATTR = np.array([ATTR_UNDEFINED, ATTR_NORMAL, ATTR_UNKNOWN, ATTR_CONTROL,
+                          ATTR_USER_DEFINED, ATTR_UNUSED, ATTR_BYTE], dtype=np.int32)
+
+# Pre-tokenizer names we implement -> canonical kind (llama.cpp's LLAMA_VOCAB_PRE_TYPE_*).
+PRE_TYPES = {
+    "default": "default",
+    "llama3": "llama3", "llama-v3": "llama3", "llama-bpe": "llama3",
+    "deepseek-llm": "deepseek-llm",
+    "deepseek-coder": "deepseek-coder",
+}
+
+# Texts that llama.cpp recognises as end-of-turn / end-of-generation tokens (llama-vocab.cpp, load()).
+_EOT_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
+              "<EOT>", "_<EOT>", "[EOT]", "<｜end▁of▁sentence｜>", "<end_of_utterance>")
+_EOG_TEXTS = frozenset(("<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>",
+                        "<|calls|>", "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>",
+                        "_<EOT>", "[EOT]", "[EOS]", "<|end_of_text|>", "<end_of_utterance>", "<eos>",
+                        "<turn|>", "<|tool_response>", "<｜end▁of▁sentence｜>", "[e~["))
+
+KEY = "tokenizer.ggml."
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """Everything the tokenizer needs, already validated. Ids are ints; -1 means "none"."""
+
+    source: str                 # file name, for error messages
+    model: str                  # "llama" (SPM) or "gpt2" (byte-level BPE)
+    pre: str                    # canonical pre-tokenizer kind (PRE_TYPES values); "default" for SPM
+    tokens: list[str]           # token texts (UTF-8 decoded, invalid bytes kept as surrogates)
+    scores: np.ndarray          # (n_vocab,) f32 piece scores (SPM); zeros for BPE
+    attrs: np.ndarray           # (n_vocab,) i32 ATTR_* bits
+    token_to_id: dict[str, int]
+    merges: dict[str, int]      # "left right" -> rank (BPE only)
+    bos_id: int
+    eos_id: int
+    eot_id: int
+    eom_id: int
+    unk_id: int
+    add_bos: bool
+    add_eos: bool
+    add_space_prefix: bool
+    clean_spaces: bool
+    ignore_merges: bool
+    eog_ids: frozenset[int]
+
+    @property
+    def n_vocab(self) -> int:
+        return len(self.tokens)
+
+    def is_special(self, token_id: int) -> bool:
+        return bool(self.attrs[token_id] & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN))
+
+
+def _text(value: Any, key: str, source: str) -> str:
+    if not isinstance(value, bytes):
+        raise TokenizerError(f"{source}: metadata {key} must be a string, got {type(value).__name__}")
+    return value.decode("utf-8", "replace")
+
+
+def _array(meta: Mapping[str, Any], key: str, source: str, n: int) -> np.ndarray | None:
+    value = meta.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, np.ndarray) or value.dtype.kind not in "iuf":
+        raise TokenizerError(f"{source}: metadata {key} must be a numeric array")
+    if len(value) < n:
+        raise TokenizerError(f"{source}: metadata {key} has {len(value)} entries for {n} tokens")
+    return value[:n]
+
+
+def _special_id(meta: Mapping[str, Any], name: str, default: int, n: int) -> int:
+    # llama.cpp: a default outside the vocab is disabled; a metadata id outside the vocab is ignored.
+    value = default if 0 <= default < n else -1
+    given = meta.get(KEY + name + "_token_id")
+    if isinstance(given, int) and not isinstance(given, bool) and 0 <= given < n:
+        value = given
+    return value
+
+
+def load_vocab(meta: Mapping[str, Any], source: str) -> Vocab:
+    """Build a Vocab from tokenizer metadata, with llama.cpp's defaults for absent keys.
+
+    Raises:
+        TokenizerError: missing tokens/scores/merges, unknown model or pre-tokenizer, bad arrays.
+    """
+    if KEY + "model" not in meta:
+        raise TokenizerError(f"{source}: no tokenizer.ggml.model key (file has no vocabulary)")
+    model = _text(meta[KEY + "model"], KEY + "model", source)
+    if model not in ("llama", "gpt2"):
+        raise TokenizerError(f"{source}: unsupported tokenizer model '{model}' (supported: llama, gpt2)")
+    raw_tokens = meta.get(KEY + "tokens")
+    if not isinstance(raw_tokens, list) or not raw_tokens:
+        raise TokenizerError(f"{source}: missing or empty tokenizer.ggml.tokens")
+    n = len(raw_tokens)
+    tokens = [t.decode("utf-8", "surrogateescape") if t else f"[EMPTY_{i}]" for i, t in enumerate(raw_tokens)]
+    token_to_id = {t: i for i, t in enumerate(tokens)}
+    if len(token_to_id) != n:
+        seen: set[str] = set()
+        dup = next(t for t in tokens if t in seen or seen.add(t))
+        raise TokenizerError(f"{source}: duplicate token {dup!r} in the vocabulary")
+
+    scores = _array(meta, KEY + "scores", source, n)
+    types = _array(meta, KEY + "token_type", source, n)
+    attrs = np.full(n, ATTR_NORMAL, dtype=np.int32)
+    if types is not None:
+        t = types.astype(np.int64)
+        attrs = np.where((t >= 0) & (t < len(_TYPE_TO_ATTR)), _TYPE_TO_ATTR[np.clip(t, 0, 6)], ATTR_UNDEFINED)
+        attrs = attrs.astype(np.int32)
+
+    pre_name = _text(meta.get(KEY + "pre", b"default"), KEY + "pre", source)
+    merges: dict[str, int] = {}
+    if model == "llama":
+        if scores is None:
+            raise TokenizerError(f"{source}: SPM vocabulary without tokenizer.ggml.scores")
+        pre, bos, eos, unk = "default", 1, 2, 0
+        add_bos, add_eos, add_space_prefix, clean_spaces, ignore_merges = True, False, True, False, False
+    else:
+        raw_merges = meta.get(KEY + "merges")
+        if not isinstance(raw_merges, list) or not raw_merges:
+            raise TokenizerError(f"{source}: BPE vocabulary without tokenizer.ggml.merges")
+        merges = _merge_ranks(raw_merges)
+        if pre_name not in PRE_TYPES:
+            raise TokenizerError(f"{source}: unknown pre-tokenizer '{pre_name}' "
+                                 f"(supported: {', '.join(sorted(PRE_TYPES))})")
+        pre, bos, eos, unk = PRE_TYPES[pre_name], 11, 11, -1
+        add_bos, add_eos, add_space_prefix, clean_spaces, ignore_merges = False, False, False, True, False
+        if pre == "llama3":
+            add_bos, ignore_merges = True, True
+        elif pre in ("deepseek-llm", "deepseek-coder"):
+            clean_spaces = False
+        scores = np.zeros(n, dtype=np.float32) if scores is None else scores
+    add_space_prefix = bool(meta.get(KEY + "add_space_prefix", add_space_prefix))
+
+    bos, eos, unk = (_special_id(meta, k, d, n) for k, d in (("bos", bos), ("eos", eos), ("unknown", unk)))
+    eot, eom = _special_id(meta, "eot", -1, n), _special_id(meta, "eom", -1, n)
+    add_bos = bool(meta.get(KEY + "add_bos_token", add_bos))
+    add_eos = bool(meta.get(KEY + "add_eos_token", add_eos))
+    if add_bos and bos < 0:
+        raise TokenizerError(f"{source}: add_bos_token is true but there is no valid bos_token_id")
+    if add_eos and eos < 0:
+        raise TokenizerError(f"{source}: add_eos_token is true but there is no valid eos_token_id")
+
+    eot, eom, eog = _end_of_generation(token_to_id, attrs, eos, eot, eom)
+    return Vocab(source=source, model=model, pre=pre, tokens=tokens,
+                 scores=np.asarray(scores, dtype=np.float32), attrs=attrs, token_to_id=token_to_id,
+                 merges=merges, bos_id=bos, eos_id=eos, eot_id=eot, eom_id=eom, unk_id=unk,
+                 add_bos=add_bos, add_eos=add_eos, add_space_prefix=add_space_prefix,
+                 clean_spaces=clean_spaces, ignore_merges=ignore_merges, eog_ids=eog)
+
+
+def _merge_ranks(raw_merges: list[bytes]) -> dict[str, int]:
+    # Keyed by the merge line itself ("left right"): BPE symbols never contain a raw space, so the
+    # lookup key left + " " + right is unambiguous. Reversed so that a duplicate keeps its first rank.
+    lines = [m.decode("utf-8", "surrogateescape") for m in raw_merges]
+    n = len(lines)
+    return dict(zip(reversed(lines), range(n - 1, -1, -1)))
+
+
+def _end_of_generation(token_to_id: dict[str, int], attrs: np.ndarray, eos: int, eot: int,
+                       eom: int) -> tuple[int, int, frozenset[int]]:
+    """llama.cpp's EOT/EOM auto-detection by text and its end-of-generation set.
+
+    Tokens found by their text are marked control, as llama.cpp does; eos/eot/eom always join the set.
+    """
+    by_text: set[int] = {token_to_id[t] for t in _EOG_TEXTS if t in token_to_id}
+    if eot < 0:
+        eot = next((token_to_id[t] for t in _EOT_TEXTS if t in token_to_id), -1)
+        by_text.add(eot)
+    if eom < 0:
+        eom = token_to_id.get("<|eom_id|>", -1)
+        by_text.add(eom)
+    by_text.discard(-1)
+    for i in by_text:
+        attrs[i] |= ATTR_CONTROL
+    eog = {token_to_id[t] for t in _EOG_TEXTS if t in token_to_id}
+    eog.update(i for i in (eos, eot, eom) if i >= 0)
+    return eot, eom, frozenset(eog)
