@@ -1,4 +1,4 @@
-"""How typed lines become one user turn (llama.cpp console::readline), and how a script file splits.
+r"""How typed lines become one user turn (llama.cpp console::readline), and how a script file splits.
 
 Owns the pure rules shared by every reader (prompt_toolkit, plain pipe, --script): a line ending in `\`
 continues the turn, a line ending in `/` submits without a newline, otherwise Enter submits with a

@@ -313,8 +313,9 @@ def parse_options(argv: list[str]) -> ChatOptions:
         if file_ns.options_file is not None:
             raise UsageError(f"options file '{ns.options_file}' names another options file "
                              f"'{file_ns.options_file}'")
-        ns = _parse(file_argv + [a for a in argv if a != ns.options_file])
-        ns.options_file = file_ns.options_file or ns.options_file
+        path = ns.options_file
+        ns = _parse(file_argv + [a for a in argv if a != path])
+        ns.options_file = path
     return _to_options(ns, tuple(file_argv))
 
 

@@ -1,0 +1,164 @@
+"""Input rules (`\\`, `/`, --multiline-input), scripts, commands and the three readers, without a model."""
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from chat.commands import Command, parse_command
+from chat.lines import (LineAssembler, ScriptTurn, apply_line_rule, decode_script, join_turn, split_script,
+                        wants_more)
+from chat.render import PieceStream, Renderer
+from chat.repl import PlainReader, ScriptReader, TerminalReader
+from chat.script import Transcript, load_script
+from core.errors import UsageError
+
+
+def test_enter_submits_with_newline_backslash_continues_slash_submits_without_newline():
+    assert apply_line_rule("hello", False) == ("hello\n", False)
+    assert apply_line_rule("hello\\", False) == ("hello\n", True)
+    assert apply_line_rule("hello/", False) == ("hello", False)
+    assert apply_line_rule("", False) == ("\n", False)            # an empty line is "\n": hands control back
+
+
+def test_multiline_input_swaps_enter_and_backslash():
+    assert apply_line_rule("hello", True) == ("hello\n", True)
+    assert apply_line_rule("hello\\", True) == ("hello\n", False)
+    assert apply_line_rule("hello/", True) == ("hello", False)     # `/` always submits
+
+
+def test_line_assembler_builds_one_turn():
+    a = LineAssembler(multiline=False)
+    assert a.feed("one\\") is None and a.feed("two\\") is None
+    assert a.feed("three") == "one\ntwo\nthree\n"
+    assert a.feed("no newline/") == "no newline"
+    m = LineAssembler(multiline=True)
+    assert m.feed("one") is None and m.feed("two") is None and m.feed("end\\") == "one\ntwo\nend\n"
+    assert m.feed("partial") is None and m.finish() == "partial\n" and m.finish() is None
+
+
+def test_join_turn_and_wants_more_match_the_assembler():
+    assert join_turn(["a\\", "b"], False) == "a\nb\n"
+    assert wants_more("a\\", False) and not wants_more("a", False)
+    assert wants_more("a\nb", True) and not wants_more("a\nb\\", True) and not wants_more("x/", True)
+
+
+def test_script_turns_are_blocks_separated_by_blank_lines():
+    text = "first line\nsecond line\n\n\nthird turn/\n\nfour \\\n\ncontinued after a blank\n#! comment\n"
+    turns = split_script(text)
+    assert [t.lineno for t in turns] == [1, 5, 7]
+    assert [t.text() for t in turns] == ["first line\nsecond line\n", "third turn",
+                                         "four \n\ncontinued after a blank\n"]
+
+
+def test_script_with_invalid_utf8_is_a_one_line_error(tmp_path):
+    with pytest.raises(UsageError, match=r"script 'x.txt': invalid UTF-8 at line 2 \(byte 6\)"):
+        decode_script(b"hello\n\xff\xfe\n", "x.txt")
+    with pytest.raises(UsageError, match="not found"):
+        load_script(str(tmp_path / "none.txt"))
+    good = tmp_path / "s.txt"
+    good.write_bytes("caf\u00e9\n\nsecond\n".encode())
+    assert [t.text() for t in load_script(str(good))] == ["caf\u00e9\n", "second\n"]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("/help\n", Command("/help")), ("/quit\n", Command("/quit")), ("  /reset \n", Command("/reset")),
+    ("/stats\n", Command("/stats")), ("/save out.md\n", Command("/save", "out.md")),
+    ("/hepl\n", Command("unknown", "/hepl")),
+    ("/usr/bin is a path\n", None), ("hello /help\n", None), ("//help\n", None), ("plain\n", None),
+])
+def test_slash_commands(text, expected):
+    assert parse_command(text) == expected
+
+
+def test_plain_reader_applies_the_rules_and_echoes_piped_turns():
+    out = io.StringIO()
+    ui = Renderer(color=False, out=out, err=io.StringIO())
+    r = PlainReader(io.StringIO("a\\\nb\nc/\nlast"), ui, multiline=False, echo=True)
+    assert r.read_turn(None, False) == "a\nb\n"
+    assert r.read_turn(None, False) == "c"
+    assert r.read_turn(None, False) == "last\n"                   # end of input ends the turn
+    assert r.read_turn(None, False) is None
+    assert out.getvalue() == "a\\\nb\nc/\nlast\n"
+
+
+def test_script_reader_echoes_in_user_colour():
+    out = io.StringIO()
+    ui = Renderer(color=True, out=out, err=io.StringIO())
+    r = ScriptReader([ScriptTurn(1, ("hi",))], ui)
+    assert r.read_turn(None, False) == "hi\n" and r.read_turn(None, False) is None
+    assert out.getvalue() == "\x1b[1;32mhi\x1b[0m\n"
+
+
+def test_renderer_colours_and_no_color(monkeypatch):
+    out = io.StringIO()
+    Renderer(color=True, out=out, err=io.StringIO()).stream("Once", "prompt")
+    assert out.getvalue() == "\x1b[33mOnce\x1b[0m"
+    out = io.StringIO()
+    Renderer(color=False, out=out, err=io.StringIO()).stream("Once", "prompt")
+    assert out.getvalue() == "Once"
+    err = io.StringIO()
+    Renderer(color=True, out=io.StringIO(), err=err).error("bad")
+    assert err.getvalue() == "\x1b[1;31merror: bad\x1b[0m\n"
+
+
+def test_long_lines_are_not_wrapped_or_padded():
+    out = io.StringIO()
+    ui = Renderer(color=False, out=out, err=io.StringIO())
+    text = "word " * 100
+    ui.stream(text)
+    assert out.getvalue() == text
+
+
+def test_piece_stream_never_prints_half_a_character():
+    pieces = {1: b"caf", 2: b"\xc3", 3: b"\xa9 ", 4: b"\xf0\x9f", 5: b"\x98", 6: b"\x80!"}
+    s = PieceStream(lambda t: pieces[t])
+    assert [s.add([t]) for t in range(1, 7)] == ["caf", "", "\u00e9 ", "", "", "\U0001F600!"]
+    assert s.add([2]) == "" and s.flush() == "\ufffd"
+
+
+def test_transcript_markdown_keeps_run_facts_after_the_conversation():
+    t = Transcript(settings=[("model", "m.gguf")])
+    t.add("Once")
+    t.user("hi\n")
+    t.add(" there")
+    t.run = [("ranks", "2")]
+    t.timings = "load 1 ms"
+    md = t.markdown()
+    head, run = md.split("## Run")
+    assert "```text\nOncehi\n there\n```" in head
+    assert "### Turn 1" in head and "ranks: 2" in run and "load 1 ms" in run
+
+
+def test_terminal_reader_with_prompt_toolkit_pipe_input(monkeypatch, tmp_path):
+    from prompt_toolkit.application import create_app_session
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output import DummyOutput
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+
+    class FakeSession:                       # only the two hooks the reader calls between turns
+        def refresh_rank_ms(self):
+            pass
+
+        def toolbar(self):
+            return "ctx 0/512"
+
+    with create_pipe_input() as inp, create_app_session(input=inp, output=DummyOutput()):
+        ui = Renderer(color=False, out=io.StringIO(), err=io.StringIO())
+        reader = TerminalReader(ui, multiline=False)
+        inp.send_text("one\\\rtwo\r")
+        assert reader.read_turn(FakeSession(), False) == "one\ntwo\n"
+        inp.send_text("no newline/\r")
+        assert reader.read_turn(FakeSession(), False) == "no newline"
+        inp.send_text("\x04")                # Ctrl-D on an empty line
+        assert reader.read_turn(FakeSession(), False) is None
+    assert (tmp_path / "llama-mpi" / "history").read_text().count("+one\\") == 1
+
+    with create_pipe_input() as inp, create_app_session(input=inp, output=DummyOutput()):
+        reader = TerminalReader(ui, multiline=True)
+        inp.send_text("a\rb\\\r")
+        assert reader.read_turn(FakeSession(), False) == "a\nb\n"
+        inp.send_text("x\x03")               # Ctrl-C at the prompt
+        with pytest.raises(KeyboardInterrupt):
+            reader.read_turn(FakeSession(), False)
