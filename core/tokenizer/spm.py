@@ -26,7 +26,7 @@ class SpmEncoder:
         self.vocab = vocab
         self.token_to_id = vocab.token_to_id
         self.scores = vocab.scores.tolist()
-        self.cache: dict[str, list[int]] = {}
+        self.cache: dict[str, list[int]] | None = {}   # None disables caching (benchmarks)
         self._joins: frozenset[str] | None = None   # 2-char strings ending in '▁' found inside tokens
         self._byte_ids: list[int | None] = [self._byte_token(b) for b in range(256)]
 
@@ -47,9 +47,12 @@ class SpmEncoder:
         out: list[int] = []
         cache = self.cache
         for piece in self._pieces(text):
-            ids = cache.get(piece)
+            ids = cache.get(piece) if cache is not None else None
             if ids is None:
                 ids = self.encode_piece(piece)
+                if cache is None:
+                    out.extend(ids)
+                    continue
                 if len(cache) >= self._CACHE_LIMIT:
                     cache.clear()
                 cache[piece] = ids
