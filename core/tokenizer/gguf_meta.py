@@ -31,11 +31,12 @@ _T_BOOL, _T_STRING, _T_ARRAY = 7, 8, 9
 class _Cursor:
     """A read position over the file bytes; every read is bounds-checked (truncated file -> error)."""
 
-    def __init__(self, buf: memoryview, source: str, raw: Any = None) -> None:
+    def __init__(self, buf: Any, source: str) -> None:
+        # `buf` is the mmap (or bytes): slicing gives bytes, and no buffer export outlives a call,
+        # so the mmap can always be closed, even while an exception's traceback is alive.
         self.buf, self.pos, self.source = buf, 0, source
-        self.raw = buf if raw is None else raw  # the mmap itself: slicing it gives bytes in one step
 
-    def take(self, n: int) -> memoryview:
+    def take(self, n: int) -> bytes:
         end = self.pos + n
         if n < 0 or end > len(self.buf):
             raise TokenizerError(f"{self.source}: GGUF metadata truncated at byte {self.pos}")
@@ -44,13 +45,13 @@ class _Cursor:
         return out
 
     def u32(self) -> int:
-        return struct.unpack_from("<I", self.take(4))[0]
+        return int.from_bytes(self.take(4), "little")
 
     def u64(self) -> int:
-        return struct.unpack_from("<Q", self.take(8))[0]
+        return int.from_bytes(self.take(8), "little")
 
     def string(self) -> bytes:
-        return bytes(self.take(self.u64()))
+        return self.take(self.u64())
 
 
 def _read_value(cur: _Cursor, vtype: int) -> Any:
@@ -74,11 +75,13 @@ def _read_value(cur: _Cursor, vtype: int) -> Any:
 
 def _read_string_array(cur: _Cursor, count: int) -> list[bytes]:
     # Layout: count x (u64 length, bytes). A plain loop: ~0.3 us per string.
-    buf, pos, n_buf = cur.raw, cur.pos, len(cur.buf)
+    buf, pos, n_buf = cur.buf, cur.pos, len(cur.buf)
     out: list[bytes] = []
     append = out.append
     unpack = struct.Struct("<Q").unpack_from
     for _ in range(count):
+        if pos + 8 > n_buf:
+            raise TokenizerError(f"{cur.source}: GGUF string array truncated at byte {pos}")
         (n,) = unpack(buf, pos)
         pos += 8
         if pos + n > n_buf:
@@ -98,32 +101,29 @@ def read_metadata(path: str | Path, prefix: str = "") -> dict[str, Any]:
     path = Path(path)
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            return _parse(memoryview(mm), str(path), prefix, mm)
+            return _parse(mm, str(path), prefix)
     except FileNotFoundError:
         raise TokenizerError(f"{path}: no such file") from None
     except (ValueError, OSError) as exc:  # mmap of an empty file, unreadable file
         raise TokenizerError(f"{path}: cannot read as GGUF ({exc})") from None
 
 
-def _parse(buf: memoryview, source: str, prefix: str, raw: Any = None) -> dict[str, Any]:
-    cur = _Cursor(buf, source, raw)
-    try:
-        if bytes(cur.take(4)) != GGUF_MAGIC:
-            raise TokenizerError(f"{source}: not a GGUF file (bad magic)")
-        version = cur.u32()
-        if version not in (2, 3):
-            raise TokenizerError(f"{source}: unsupported GGUF version {version}")
-        cur.u64()  # tensor count: not needed here
-        n_kv = cur.u64()
-        meta: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = cur.string().decode("utf-8", "replace")
-            value = _read_value(cur, cur.u32())
-            if key.startswith(prefix) or key.startswith("general."):
-                meta[key] = value
-        return meta
-    finally:
-        del cur  # drop the memoryview before the mmap closes
+def _parse(buf: Any, source: str, prefix: str) -> dict[str, Any]:
+    cur = _Cursor(buf, source)
+    if cur.take(4) != GGUF_MAGIC:
+        raise TokenizerError(f"{source}: not a GGUF file (bad magic)")
+    version = cur.u32()
+    if version not in (2, 3):
+        raise TokenizerError(f"{source}: unsupported GGUF version {version}")
+    cur.u64()  # tensor count: not needed here
+    n_kv = cur.u64()
+    meta: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = cur.string().decode("utf-8", "replace")
+        value = _read_value(cur, cur.u32())
+        if key.startswith(prefix) or key.startswith("general."):
+            meta[key] = value
+    return meta
 
 
 def metadata_from_reader(reader: Any, prefix: str = "") -> dict[str, Any]:
