@@ -89,10 +89,9 @@ def start_cluster(opts: Any, on_plan: Callable[[Plan], None] | None = None) -> P
     t.exchange_peers()
     if t.rank != 0:
         _worker_signals()
-        status = _worker(t, _local_model(opts), _local_threads(opts))
-        if status != 0:
-            sys.exit(status)
-        return None
+        _worker(t, _local_model(opts), _local_threads(opts))
+        return None            # exit 0 even after a failure: the head's status is the job's (hydra
+                               # kills the ranks still finalizing when one exits non-zero)
     return _head(t, opts, mode, on_plan)
 
 
@@ -159,8 +158,7 @@ def _verdict(t: Any, reports: list[dict], layers: list[range]) -> None:
 
 def _head_at_exit(pipe: MpiPipeline) -> None:
     """The head is exiting without close() (an unexpected error): never leave workers waiting."""
-    if not getattr(pipe, "_closed", True):
-        pipe.abort(-1)
+    pipe.close()
 
 
 def _head_signals() -> None:
@@ -278,7 +276,8 @@ def worker_main() -> int:
         return 2
     t.exchange_peers()
     _worker_signals()
-    return _worker(t, None, None)
+    _worker(t, None, None)
+    return 0
 
 
 if __name__ == "__main__" and WORKER_FLAG in sys.argv[1:]:

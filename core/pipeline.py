@@ -185,6 +185,16 @@ def run_step(transport: Any, stage: Stage, msg: Eval, meter: _Meter, buf: np.nda
     Returns, on the head, the hidden rows the output head needs: (T, n_embd) when `msg.all_rows`, else
     (1, n_embd); None on workers. Every send is waited before returning, so buffers can be reused.
     """
+    posted: list[Any] = []                                           # receives to cancel on failure
+    try:
+        return _step(transport, stage, msg, meter, buf, tokens, posted)
+    except BaseException:
+        transport.cancel(posted)
+        raise
+
+
+def _step(transport: Any, stage: Stage, msg: Eval, meter: _Meter, buf: np.ndarray,
+          tokens: np.ndarray | None, posted: list[Any]) -> np.ndarray | None:
     rank, size = transport.rank, transport.size
     last = size - 1
     mbs = msg.micro_batches()                                         # [(row, n), ...]
@@ -192,12 +202,14 @@ def run_step(transport: Any, stage: Stage, msg: Eval, meter: _Meter, buf: np.nda
     recvs = []
     if rank > 0:                                                      # post every receive at once
         recvs = [transport.irecv_into(buf[i0:i0 + n], rank - 1) for i0, n in mbs]
+        posted += recvs
     out = None
     if rank == 0 and size > 1:                                        # results from the last rank
         rows = msg.n_tokens if msg.all_rows else 1
         out = np.empty((rows, stage.config.n_embd), dtype=np.float32)   # (rows, n_embd)
         back = ([transport.irecv_into(out[i0:i0 + n], last) for i0, n in mbs] if msg.all_rows
                 else [transport.irecv_into(out, last)])
+        posted += back
     for j, (i0, n) in enumerate(mbs):
         if rank == 0:
             t0 = time.perf_counter()
@@ -291,7 +303,8 @@ class MpiPipeline:
         return self._guarded(self._stats)
 
     def close(self) -> None:
-        """Shut every rank down (clean exit); after a failure, make sure every worker was told to stop."""
+        """Shut every rank down: a clean handshake when all is well; after a failure (the error has been
+        reported by then) the MPI job is aborted, which ends every rank at once with status 1."""
         if self._closed:
             return
         self._closed = True
@@ -299,17 +312,18 @@ class MpiPipeline:
             try:
                 self._send(Shutdown())
             except BaseException:                                     # noqa: BLE001 - going down anyway
-                self._abort_workers(-1)
-        self.t.close(disconnect=self._broken is None)
+                self._broken = "shutdown failed"
+        if self._broken is not None:
+            self._abort_workers(-1)
+            self.t.abort_job(1)
+        self.t.close()
         self.stage.close()
 
     def abort(self, rank: int = -1) -> None:
-        """Stop the cluster without the clean handshake (signals, unexpected errors on the head)."""
-        if not self._closed:
-            self._broken = self._broken or "aborted"
-            self._closed = True
-            self._abort_workers(rank)
-            self.t.close(disconnect=False)
+        """Stop the cluster without the clean handshake (signals, unexpected errors on the head):
+        workers are told to stop, then the job is aborted (status 1)."""
+        self._broken = self._broken or "aborted"
+        self.close()
 
     @property
     def failed(self) -> bool:
@@ -360,7 +374,8 @@ class MpiPipeline:
             self._abort_workers(exc.rank)
             raise PipelineError(self._broken) from None
         except (KeyboardInterrupt, SystemExit):
-            self.abort(-1)
+            self._broken = "interrupted in the middle of a step"
+            self._abort_workers(-1)
             raise
         except Exception as exc:                                      # the head's own step failed
             what = str(exc) if isinstance(exc, LlamaMpiError) else f"{type(exc).__name__}: {exc}"

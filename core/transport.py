@@ -28,7 +28,8 @@ POLL_MIN_S = 20e-6           # first sleep of a wait; doubles each poll ...
 POLL_MAX_S = 0.002           # ... up to this while the wait is young (latency ~ this per hop)
 POLL_IDLE_S = 0.010          # ... and this once the wait is older than IDLE_AFTER_S (an idle worker)
 IDLE_AFTER_S = 1.0
-LIVENESS_EVERY_S = 0.25      # how often a waiting rank checks that its same-host peers still run
+LIVENESS_EVERY_S = 0.25
+FINISH_TIMEOUT_S = 8.0       # how long a closing rank waits for the others to close too      # how often a waiting rank checks that its same-host peers still run
 
 _MPI = None
 
@@ -212,6 +213,13 @@ class Transport:
         """Post a receive of a float32 array of exactly buf's shape (buf must be contiguous)."""
         return self.comm.Irecv([buf, self._mpi().FLOAT], source=source, tag=TAG_DATA)
 
+    def cancel(self, reqs: list[Any]) -> None:
+        """Cancel receives that will never complete (a step cut short by a failure)."""
+        for req in reqs:
+            if not req.Test():
+                req.Cancel()
+                req.Wait()
+
     # ---- small records (setup, stats) ------------------------------------------------------------
     def send_obj(self, obj: Any, dest: int) -> None:
         data = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
@@ -261,12 +269,18 @@ class Transport:
             self._poll_until(lambda: time.monotonic() > deadline)
         except (Aborted, PeerFailed):
             return
-        self.abort_job(1, f"rank {self.rank}: the head did not answer a failure report")
+        self.abort_job(1, f"rank {self.rank} ({self.host}): the head did not answer a failure report")
 
-    def abort_job(self, code: int, text: str) -> None:
-        """Last resort when a peer does not answer: one line on stderr, then MPI_Abort (the launcher
-        takes every rank down)."""
-        print(f"llama-mpi: {text}; aborting the MPI job", file=sys.stderr, flush=True)
+    def abort_job(self, code: int, text: str | None = None) -> None:
+        """End the whole job now: MPI_Abort, after which the launcher kills every rank (the only exit
+        that is clean and quick with hydra once a step was cut short). `text` is printed first as one
+        line; MPICH's own "Abort(...)" line is silenced."""
+        if text:
+            print(f"llama-mpi: {text}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
         self.comm.Abort(code)
 
     def close(self, disconnect: bool = True) -> None:
@@ -280,6 +294,12 @@ class Transport:
                 req.Cancel()
                 req.Wait()
         self._report_req = self._ctrl_req = None
+        # Leave together: with hydra, a rank that exits while its peers are still busy gets the job
+        # killed (the launcher's clean-up), so every rank waits here for the others, bounded.
+        req = self.comm.Ibarrier()
+        deadline = time.monotonic() + FINISH_TIMEOUT_S
+        while not req.Test() and time.monotonic() < deadline:
+            time.sleep(0.002)
         if self._inter is not None and disconnect:
             self.comm.Free()
             self._inter.Disconnect()
