@@ -152,7 +152,7 @@ def run_head(opts: ChatOptions, pipeline, prepared: Prepared, ui: Renderer, bann
     """Rank 0 after the cluster is up: tokenizer, session, banner, then the chat."""
     from core.tokenizer import Tokenizer
 
-    from .repl import make_reader
+    from .repl import make_ctrl_c_watcher, make_reader
     from .script import Transcript, settings_of
     from .session import ChatSession
 
@@ -161,7 +161,8 @@ def run_head(opts: ChatOptions, pipeline, prepared: Prepared, ui: Renderer, bann
     transcript = Transcript(settings=settings_of(opts, Path(opts.model).name, int(pipeline.n_ctx)))
     session = ChatSession(opts, pipeline, tokenizer, ui, reader, prompt=prepared.prompt,
                           reverse_prompts=prepared.reverse_prompts, input_prefix=prepared.input_prefix,
-                          input_suffix=prepared.input_suffix, transcript=transcript, load_ms=load_ms)
+                          input_suffix=prepared.input_suffix, transcript=transcript, load_ms=load_ms,
+                          keys=make_ctrl_c_watcher(opts))
     if banner:
         ui.info(banner)
     print_preamble(opts, session, ui, prepared)

@@ -143,3 +143,61 @@ def make_reader(opts, ui: Renderer, script_turns: list[ScriptTurn] | None):
     if tty and not opts.simple_io and not under_mpiexec():
         return TerminalReader(ui, opts.multiline_input)
     return PlainReader(sys.stdin, ui, opts.multiline_input, echo=not sys.stdin.isatty() and not under_mpiexec())
+
+
+class CtrlCWatcher:
+    """While the model generates on a terminal: Ctrl-C arrives as a byte, not as SIGINT.
+
+    Why: in spawn mode MPICH's process manager shares the terminal's process group, and a SIGINT from
+    the terminal makes it abort every rank. Turning off ISIG while generating keeps Ctrl-C ours; we
+    poll stdin between tokens. (At the prompt prompt_toolkit has the terminal in raw mode anyway.)
+    """
+
+    def __init__(self, fd: int):
+        import termios
+        self.fd = fd
+        self._saved = termios.tcgetattr(fd)
+        self.active = False
+
+    def resume(self) -> None:
+        """Generation starts: no signals, no echo, no line buffering."""
+        import termios
+        if self.active:
+            return
+        self._saved = termios.tcgetattr(self.fd)
+        attrs = termios.tcgetattr(self.fd)
+        attrs[3] &= ~(termios.ISIG | termios.ICANON | termios.ECHO)
+        attrs[6][termios.VMIN], attrs[6][termios.VTIME] = 0, 0
+        termios.tcsetattr(self.fd, termios.TCSANOW, attrs)
+        self.active = True
+
+    def pause(self) -> None:
+        """Back to the terminal as it was (before reading a turn, and at exit)."""
+        import termios
+        if not self.active:
+            return
+        termios.tcsetattr(self.fd, termios.TCSANOW, self._saved)
+        self.active = False
+
+    def poll(self) -> int:
+        """Ctrl-C presses typed since the last poll (other keys typed while generating are dropped)."""
+        import select
+        if not self.active:
+            return 0
+        presses = 0
+        while select.select([self.fd], [], [], 0)[0]:
+            data = os.read(self.fd, 1024)
+            if not data:
+                break
+            presses += data.count(b"\x03")
+        return presses
+
+
+def make_ctrl_c_watcher(opts) -> CtrlCWatcher | None:
+    """A watcher when rank 0 reads a real terminal outside mpiexec (under mpiexec, hydra owns Ctrl-C)."""
+    if under_mpiexec() or not sys.stdin.isatty() or opts.script is not None:
+        return None
+    try:
+        return CtrlCWatcher(sys.stdin.fileno())
+    except (OSError, ValueError, ImportError):
+        return None

@@ -84,12 +84,14 @@ class ChatSession:
 
     def __init__(self, opts: ChatOptions, pipeline, tokenizer, ui: Renderer, reader: Reader | None, *,
                  prompt: str, reverse_prompts: tuple[str, ...] = (), input_prefix: str = "",
-                 input_suffix: str = "", transcript: Transcript | None = None, load_ms: float = 0.0):
+                 input_suffix: str = "", transcript: Transcript | None = None, load_ms: float = 0.0,
+                 keys=None):
         self.opts = opts
         self.pipeline = pipeline
         self.tok = tokenizer
         self.ui = ui
         self.reader = reader
+        self.keys = keys                         # CtrlCWatcher on a terminal (Ctrl-C as a byte), or None
         self.prompt = prompt
         self.reverse_prompts = reverse_prompts
         self.input_prefix = input_prefix
@@ -122,6 +124,8 @@ class ChatSession:
             os._exit(EXIT_INTERRUPTED)
 
     def _check_interrupt(self) -> None:
+        if self.keys is not None:
+            self.interrupts += self.keys.poll()
         if not self.interrupts:
             return
         if self.interrupts >= 2 or not self.state.interactive:
@@ -134,6 +138,8 @@ class ChatSession:
     def run(self) -> int:
         """Run until end of input, /quit, Ctrl-C at the prompt or the end of generation; the exit code."""
         previous = signal.signal(signal.SIGINT, self.on_sigint)
+        if self.keys is not None:
+            self.keys.resume()
         try:
             while True:
                 try:
@@ -148,6 +154,8 @@ class ChatSession:
             self.finish(interrupted=q.code == EXIT_INTERRUPTED)
             return q.code
         finally:
+            if self.keys is not None:
+                self.keys.pause()
             signal.signal(signal.SIGINT, previous)
 
     def _run_state(self) -> int:
@@ -157,7 +165,7 @@ class ChatSession:
             req = gen.send(reply)
             reply = None
             if isinstance(req, Eval):
-                self._eval(req.tokens)
+                self._eval(req.tokens, req.sampled)
                 self._check_interrupt()
             elif isinstance(req, Sample):
                 t0 = time.perf_counter()
@@ -191,13 +199,13 @@ class ChatSession:
             self.ui.stream(text, style)
             self.transcript.add(text)
 
-    def _eval(self, tokens: tuple[int, ...]) -> None:
+    def _eval(self, tokens: tuple[int, ...], sampled: bool) -> None:
         self.generating = True
         t0 = time.perf_counter()
         self.logits = self.pipeline.eval(list(tokens))
         ms = 1000.0 * (time.perf_counter() - t0)
         self.generating = False
-        if len(tokens) == 1 and self.state.c.n_consumed >= len(self.state.embd_inp):
+        if sampled:
             self.timings.eval_ms += ms      # a sampled token fed back
             self.timings.n_eval += 1
             self.timings.turn_ms += ms
@@ -213,12 +221,16 @@ class ChatSession:
         while True:
             self.interrupts = 0
             self.reading = True
+            if self.keys is not None:
+                self.keys.pause()
             try:
                 text = self.reader.read_turn(self, instruct)
             except KeyboardInterrupt:
                 raise _Quit(EXIT_INTERRUPTED) from None
             finally:
                 self.reading = False
+                if self.keys is not None:
+                    self.keys.resume()
             self.timings.turn_tokens, self.timings.turn_ms = 0, 0.0
             if text is None:
                 return None
@@ -279,6 +291,8 @@ class ChatSession:
 
     def finish(self, interrupted: bool) -> None:
         """Timings on stderr (like llama_print_timings) and the --transcript file."""
+        if self.keys is not None:
+            self.keys.pause()
         self.ui.newline_if_needed()
         self.refresh_rank_ms()
         self.ui.info(timings_text(self.timings.as_dict()))

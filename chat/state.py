@@ -38,6 +38,7 @@ class TokenizerLike(Protocol):
 @dataclass(frozen=True)
 class Eval:
     tokens: tuple[int, ...]          # evaluate at position n_past, then n_past += len(tokens)
+    sampled: bool = False            # a generated token fed back (else prompt/user input): for timings
 
 
 @dataclass(frozen=True)
@@ -182,11 +183,12 @@ class ChatState:
     def run(self) -> Generator[Request, object, None]:
         o, c = self.opts, self.c
         embd: list[int] = []
+        sampled = False            # embd holds a generated token (not queued input)
         input_echo = True
         style = "prompt"           # the initial prompt is shown in the prompt colour
         while (c.n_remain != 0 and not self.is_antiprompt) or self.interactive:
             if embd:
-                embd = yield from self._evaluate(embd)
+                embd = yield from self._evaluate(embd, sampled)
                 if embd is None:
                     yield Done("context-full")
                     return
@@ -195,10 +197,12 @@ class ChatState:
                 token = yield Sample()
                 yield self._accept([int(token)])
                 embd.append(int(token))
+                sampled = True
                 input_echo = True
                 c.n_remain -= 1
                 c.n_generated += 1
             else:
+                sampled = False
                 while len(self.embd_inp) > c.n_consumed:      # queued prompt/user tokens, n_batch at most
                     embd.append(self.embd_inp[c.n_consumed])
                     c.n_consumed += 1
@@ -246,7 +250,7 @@ class ChatState:
                 self.is_interacting = True
         yield Done("reverse-prompt" if self.is_antiprompt else "n-predict")
 
-    def _evaluate(self, embd: list[int]):
+    def _evaluate(self, embd: list[int], sampled: bool):
         """Truncate an over-long input, shift the context when full, evaluate in n_batch chunks.
 
         Returns the evaluated tokens, or None when the context is full and -n is -2.
@@ -269,7 +273,7 @@ class ChatState:
             c.n_shifts += 1
         for i in range(0, len(embd), self.opts.n_batch):
             chunk = tuple(embd[i:i + self.opts.n_batch])
-            yield Eval(chunk)
+            yield Eval(chunk, sampled)
             c.n_past += len(chunk)
         return embd
 

@@ -1,0 +1,121 @@
+"""llama-mpi end to end without a terminal: the one-shot path against llama.cpp's greedy reference, bad
+input (one line, exit != 0, no rank left behind), scripts and context shifts identical across rank counts."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from test_cli_support import (PROMPTS, REPO, assert_no_rank_left, conversation_part, run_chat,
+                              stories_or_skip, tagged_env)
+
+
+def test_one_shot_prompt_matches_llama_cpp_greedy(fixtures, tmp_path):
+    model = stories_or_skip()
+    case = next(c for c in json.loads((fixtures / "index.json").read_text())["cases"] if c["id"] == "stories260K")
+    prompt = case["tokens_text"].lstrip(" ")
+    env, tag = tagged_env(tmp_path)
+    # --repeat-penalty 1 and --temp 0: plain argmax, what the fixture recorded
+    r = run_chat(["-m", model, "-p", prompt, "-n", "32", "--temp", "0", "--repeat-penalty", "1"], env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == case["tokens_text"] + case["greedy"]["text"] + "\n"
+    assert "llama-mpi timings:" in r.stderr and "eval time" in r.stderr
+    assert_no_rank_left(tag)
+
+
+def test_one_shot_two_ranks_same_text(tmp_path):
+    model = stories_or_skip()
+    env, tag = tagged_env(tmp_path)
+    args = ["-m", model, "-p", "Once upon a time", "-n", "24", "--temp", "0"]
+    one = run_chat(args, env)
+    two = run_chat(args + ["--np", "2"], env)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    assert one.stdout == two.stdout and one.stdout.startswith(" Once upon a time")
+    assert "plan: spawn, 2 ranks" in two.stderr
+    assert_no_rank_left(tag)
+
+
+BAD_INPUT = [
+    (["--no-such-flag"], "unknown option --no-such-flag", 2),
+    (["--top-p", "1.5"], "--top-p 1.5 is out of range: must be in [0.0, 1.0]", 2),
+    (["-f", "no/such/prompt.txt"], "prompt file 'no/such/prompt.txt' not found", 2),
+    (["--script", "{bad_script}"], "invalid UTF-8 at line 3 (byte 9)", 2),
+    (["-f", "{placeholder_prompt}"], "placeholder [[USER_NAME]] has no value", 2),
+]
+
+
+@pytest.mark.parametrize("launch", ["single", "spawn", "mpiexec"])
+@pytest.mark.parametrize("args, message, code", BAD_INPUT, ids=[b[1].split()[0] for b in BAD_INPUT])
+def test_bad_input_one_line_error_and_no_rank_left(tmp_path, launch, args, message, code):
+    model = stories_or_skip()
+    bad_script = tmp_path / "bad.txt"
+    bad_script.write_bytes(b"hello\n\nca\xffe\n")
+    args = [a.format(bad_script=bad_script, placeholder_prompt=PROMPTS / "chat.txt") for a in args]
+    env, tag = tagged_env(tmp_path)
+    extra = ["--np", "2"] if launch == "spawn" else []
+    r = run_chat(["-m", model, *args, *extra], env, mpiexec_n=2 if launch == "mpiexec" else None, timeout=60)
+    assert r.returncode == code or (launch == "mpiexec" and r.returncode != 0), (r.returncode, r.stderr)
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert lines and message in lines[0], r.stderr
+    if launch != "mpiexec":                       # under mpiexec every rank parses the same argv
+        assert r.stderr.count("error:") == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    assert_no_rank_left(tag)
+
+
+def _script(tmp_path, turns: list[str]) -> str:
+    path = tmp_path / "turns.txt"
+    path.write_text("\n\n".join(turns) + "\n")
+    return str(path)
+
+
+def test_script_replay_transcript_identical_on_1_and_3_ranks(tmp_path):
+    model = stories_or_skip()
+    env, tag = tagged_env(tmp_path)
+    script = _script(tmp_path, ["Tell me a story about a cat.", "What did the cat eat?\\\nAnd then?",
+                                "/stats", "Thank you, Bob."])
+    outs = {}
+    for n in (1, 3):
+        out = tmp_path / f"t{n}.md"
+        args = ["-m", model, "-f", str(PROMPTS / "chat-with-bob.txt"), "-r", "User:", "-n", "40",
+                "--temp", "0", "--script", script, "--transcript", str(out)] + (["--np", str(n)] if n > 1 else [])
+        r = run_chat(args, env, timeout=180)
+        assert r.returncode == 0, r.stderr
+        outs[n] = (r.stdout, out.read_text())
+    (out1, md1), (out3, md3) = outs[1], outs[3]
+    assert conversation_part(md1) == conversation_part(md3)
+    assert "Tell me a story about a cat.\n" in out1 and "What did the cat eat?\nAnd then?\n" in out1
+    assert md1.count("### Turn") == 3                   # /stats is a command, not a turn
+    assert "- ranks: 3" in md3.split("## Run")[1]
+    assert_no_rank_left(tag)
+
+
+def test_context_shift_in_the_repl_identical_on_1_and_2_ranks(tmp_path):
+    model = stories_or_skip()
+    env, tag = tagged_env(tmp_path)
+    script = _script(tmp_path, ["Once upon a time there was a dog.", "The dog ran to the park.",
+                                "Then it started to rain.", "The end."])
+    mds = {}
+    for n in (1, 2):
+        out = tmp_path / f"shift{n}.md"
+        args = ["-m", model, "-p", "A story:", "-c", "64", "--keep", "-1", "-n", "48", "--ignore-eos",
+                "--temp", "0", "--script", script, "--transcript", str(out)] + (["--np", "2"] if n == 2 else [])
+        r = run_chat(args, env, timeout=180)
+        assert r.returncode == 0, r.stderr
+        mds[n] = out.read_text()
+    assert conversation_part(mds[1]) == conversation_part(mds[2])
+    run = mds[1].split("## Run")[1]
+    shifts = int(run.split("- context shifts: ")[1].split("\n")[0])
+    assert shifts >= 3                                  # 4 turns x (~10 + 48) tokens through a 64-token window
+    assert_no_rank_left(tag)
+
+
+def test_piped_stdin_is_a_script(tmp_path):
+    model = stories_or_skip()
+    env, tag = tagged_env(tmp_path)
+    r = run_chat(["-m", model, "-i", "-r", "User:", "-f", str(PROMPTS / "chat-with-bob.txt"), "-n", "8",
+                  "--temp", "0"], env, stdin="Hello Bob\n/quit\n")
+    assert r.returncode == 0, r.stderr
+    assert "\nUser:Hello Bob\n" in r.stdout              # the piped turn is echoed where it was typed
+    assert "/quit" in r.stdout and r.stdout.count("Hello Bob") == 1
+    assert_no_rank_left(tag)
