@@ -28,6 +28,12 @@ def _scale_min_k4(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc, mn
 
 
+def crumb_order(U: int) -> np.ndarray:
+    """Tile order (j, unit, n, l) of 2-bit fields (Q2_K / Q3_K) -> column 256u + 128n + 32j + l."""
+    j, u, n, l = np.meshgrid(np.arange(4), np.arange(U), np.arange(2), np.arange(32), indexing="ij")
+    return (u * 256 + n * 128 + j * 32 + l).reshape(-1)
+
+
 def _d_times(p: dict, key: str, small: np.ndarray, u0: int, u1: int, r0: int, r1: int) -> np.ndarray:
     """p[key][u, r] * small[u, s, r] in float32 -> (U*nsub, R): the effective sub-block scales."""
     d = p[key][u0:u1, None, r0:r1]                              # (U, 1, R)
@@ -39,15 +45,18 @@ class Q2_K(BlockFormat):
     d f16 | dmin f16. Weight 128n+32j+l = d*sc[s] * ((qs[32n+l] >> 2j) & 3) - dmin*m[s], s = index/16.
     Repacked: qs (nb,64,N8) + scales (nb,16,N8) + d, dmin f32 = 88 bytes (1.05x)."""
 
-    qtype, block, size, sub, has_mins = QT.Q2_K, 256, 84, 16, True
+    qtype, block, size, sub, has_mins, f16_at = QT.Q2_K, 256, 84, 16, True, (80, 82)
 
     def repack(self, kb):
         return {"sc": np.ascontiguousarray(kb[:, 0:16]), "qs": np.ascontiguousarray(kb[:, 16:80]),
                 "d": f16_field(kb, 80), "dmin": f16_field(kb, 82)}
 
+    def order(self, U):
+        return crumb_order(U)
+
     def codes(self, p, u0, u1, r0, r1, out, tmp):
         U, R = u1 - u0, r1 - r0
-        crumbs(p["qs"][u0:u1, :, r0:r1].reshape(U, 2, 32, R), tmp.reshape(U, 2, 4, 32, R))
+        crumbs(p["qs"][u0:u1, :, r0:r1].reshape(U, 2, 32, R), tmp.reshape(4, U, 2, 32, R))
         np.copyto(out, tmp, casting="unsafe")
 
     def scales(self, p, u0, u1, r0, r1):
@@ -64,7 +73,7 @@ class Q3_K(BlockFormat):
     Codes here are low2 | hbit<<2 with offset -4. Repacked: hmask + qs + sc int8 (nb,16,N8) + d f32
     = 116 bytes (1.05x)."""
 
-    qtype, block, size, sub, offset = QT.Q3_K, 256, 110, 16, -4.0
+    qtype, block, size, sub, offset, f16_at = QT.Q3_K, 256, 110, 16, -4.0, (108,)
 
     def repack(self, kb):
         s = kb[:, 96:108]
@@ -75,15 +84,18 @@ class Q3_K(BlockFormat):
         return {"hm": np.ascontiguousarray(kb[:, 0:32]), "qs": np.ascontiguousarray(kb[:, 32:96]),
                 "sc": sc, "d": f16_field(kb, 108)}
 
+    def order(self, U):
+        return crumb_order(U)
+
     def codes(self, p, u0, u1, r0, r1, out, tmp):
         U, R = u1 - u0, r1 - r0
-        t = tmp.reshape(U, 2, 4, 32, R)
+        t = tmp.reshape(4, U, 2, 32, R)                         # (j, U, n, l, R): weight 128n+32j+l
         crumbs(p["qs"][u0:u1, :, r0:r1].reshape(U, 2, 32, R), t)
         hm = p["hm"][u0:u1, :, r0:r1]                           # (U, 32, R)
         scratch = np.empty((U, 32, R), dtype=np.uint8)
         for n in range(2):
             for j in range(4):
-                or_bit(hm, 4 * n + j, t[:, n, j], 2, scratch)
+                or_bit(hm, 4 * n + j, t[j, :, n], 2, scratch)
         np.copyto(out, tmp, casting="unsafe")
 
     def scales(self, p, u0, u1, r0, r1):
@@ -95,7 +107,7 @@ class Q4_K(BlockFormat):
     Weight 64j+l = d*sc[2j] * (qs[32j+l] & 0xF) - dmin*m[2j]; weight 64j+32+l uses qs[32j+l] >> 4 and
     sub-block 2j+1. Repacked: qs (nb,128,N8) + sc, m bytes (nb,8,N8) + d, dmin f32 = 152 bytes (1.06x)."""
 
-    qtype, block, size, sub, has_mins = QT.Q4_K, 256, 144, 32, True
+    qtype, block, size, sub, has_mins, f16_at = QT.Q4_K, 256, 144, 32, True, (0, 2)
     _qs_at = 16
 
     def repack(self, kb):
@@ -104,11 +116,14 @@ class Q4_K(BlockFormat):
         return {"d": f16_field(kb, 0), "dmin": f16_field(kb, 2), "sc": sc, "m": mn,
                 "qs": np.ascontiguousarray(kb[:, a:a + 128])}
 
+    def order(self, U):
+        h, u, g, l = np.meshgrid(np.arange(2), np.arange(U), np.arange(4), np.arange(32), indexing="ij")
+        return (u * 256 + g * 64 + h * 32 + l).reshape(-1)
+
     def codes(self, p, u0, u1, r0, r1, out, tmp):
         U, R = u1 - u0, r1 - r0
-        t = tmp.reshape(U, 4, 2, 32, R)
-        src = p["qs"][u0:u1, :, r0:r1].reshape(U, 4, 32, R)
-        split_nibbles(src, t[:, :, 0], t[:, :, 1])
+        t = tmp.reshape(2, U, 4, 32, R)                         # (h, U, g, l, R): weight 64g+32h+l
+        split_nibbles(p["qs"][u0:u1, :, r0:r1].reshape(U, 4, 32, R), t[0], t[1])
         self._high_bits(p, u0, u1, r0, r1, tmp)
         np.copyto(out, tmp, casting="unsafe")
 
@@ -136,11 +151,12 @@ class Q5_K(Q4_K):
 
     def _high_bits(self, p, u0, u1, r0, r1, tmp):
         U, R = u1 - u0, r1 - r0
-        t = tmp.reshape(U, 8, 32, R)
-        qh = p["qh"][u0:u1, :, r0:r1]
+        t = tmp.reshape(2, U, 4, 32, R)
+        qh = p["qh"][u0:u1, :, r0:r1]                           # bit s of qh[l]: weight 32s+l, s = 2g+h
         scratch = np.empty((U, 32, R), dtype=np.uint8)
-        for s in range(8):
-            or_bit(qh, s, t[:, s], 4, scratch)
+        for g in range(4):
+            for h in range(2):
+                or_bit(qh, 2 * g + h, t[h, :, g], 4, scratch)
 
 
 class Q6_K(BlockFormat):
@@ -149,7 +165,7 @@ class Q6_K(BlockFormat):
     value = d*sc[index/16] * ((low | high << 4) - 32). Repacked at load to int8 codes (q - 32, natural
     order) + sc int8 + d f32 = 276 bytes (1.31x, within the 1.35x allowed), so a tile is one cast."""
 
-    qtype, block, size, sub = QT.Q6_K, 256, 210, 16
+    qtype, block, size, sub, f16_at = QT.Q6_K, 256, 210, 16, (208,)
 
     def repack(self, kb):
         nb, _, n = kb.shape
@@ -174,7 +190,11 @@ class IQ4_XS(BlockFormat):
     d*ls * IQ4_VALUES[qs[16s+j] & 0xF], weight 32s+16+j uses qs[16s+j] >> 4.
     Repacked: qs (nb,128,N8) + ls int8 (nb,8,N8) + d f32 = 140 bytes (1.03x)."""
 
-    qtype, block, size, sub = QT.IQ4_XS, 256, 136, 32
+    qtype, block, size, sub, run = QT.IQ4_XS, 256, 136, 32, 16
+
+    def order(self, U):
+        h, u, s, j = np.meshgrid(np.arange(2), np.arange(U), np.arange(8), np.arange(16), indexing="ij")
+        return (u * 256 + s * 32 + h * 16 + j).reshape(-1)
 
     def repack(self, kb):
         sh = kb[:, 2].astype(np.uint16) | (kb[:, 3].astype(np.uint16) << 8)     # (nb, N)
@@ -186,8 +206,8 @@ class IQ4_XS(BlockFormat):
 
     def codes(self, p, u0, u1, r0, r1, out, tmp):
         U, R = u1 - u0, r1 - r0
-        t = tmp.reshape(U, 8, 2, 16, R)
-        split_nibbles(p["qs"][u0:u1, :, r0:r1].reshape(U, 8, 16, R), t[:, :, 0], t[:, :, 1])
+        t = tmp.reshape(2, U, 8, 16, R)                         # (h, U, s, j, R): weight 32s+16h+j
+        split_nibbles(p["qs"][u0:u1, :, r0:r1].reshape(U, 8, 16, R), t[0], t[1])
         lut_codes(tmp, out)
 
     def scales(self, p, u0, u1, r0, r1):

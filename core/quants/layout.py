@@ -38,6 +38,7 @@ class BlockFormat:
     sub: int            # elements sharing one scale
     offset: float = 0.0  # constant added to the codes before scaling
     has_mins = False    # whether M is non-zero
+    f16_at: tuple[int, ...] = (0,)   # byte offsets of the block's f16 fields (d, and dmin / m)
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -48,13 +49,21 @@ class BlockFormat:
     def nsub(self) -> int:
         return self.block // self.sub
 
+    run: int = 0        # tile positions sharing one scale, in tile order (0: same as sub)
+
+    def order(self, U: int) -> np.ndarray:
+        """Tile position -> input column (within the tile's U units) of the codes written by codes().
+        Unpacking into contiguous halves (all low nibbles, then all high ones) is ~2x faster than
+        interleaving them, so tiles are not in column order; x is gathered to match once per call."""
+        return np.arange(U * self.block)
+
     def repack(self, blocks: np.ndarray) -> dict[str, np.ndarray]:
         """blocks (nb, size, N8) uint8 (already k-major) -> named arrays, rows last."""
         raise NotImplementedError
 
-    def codes(self, p: dict, u0: int, u1: int, r0: int, r1: int, tmp: np.ndarray) -> np.ndarray:
-        """Integer codes of units [u0, u1) x rows [r0, r1): into tmp (U*block, R) uint8/int8; returns the
-        array to cast to float32 (tmp itself, or a view of a stored int8 array)."""
+    def codes(self, p: dict, u0: int, u1: int, r0: int, r1: int, out: np.ndarray, tmp: np.ndarray) -> None:
+        """Integer codes of units [u0, u1) x rows [r0, r1) -> out (U*block, R) float32, in the tile order
+        of order(U); tmp is a uint8 scratch of the same shape."""
         raise NotImplementedError
 
     def scales(self, p: dict, u0: int, u1: int, r0: int, r1: int) -> np.ndarray:
@@ -97,11 +106,11 @@ def split_nibbles(src: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> None:
 
 
 def crumbs(src: np.ndarray, out: np.ndarray) -> None:
-    """2-bit fields: out[..., j, :, :] = (src >> 2j) & 3 for j in 0..3; src (..., n, R), out (..., 4, n, R)."""
+    """2-bit fields: out[j] = (src >> 2j) & 3 for j in 0..3; out has shape (4, *src.shape)."""
     s = as_u64(src)
     mask = U64(0x0303030303030303)
     for j in range(4):
-        o = as_u64(out[..., j, :, :])
+        o = as_u64(out[j])
         if j:
             np.right_shift(s, U64(2 * j), out=o)
             np.bitwise_and(o, mask, out=o)

@@ -18,6 +18,12 @@ IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 
                       dtype=np.float32)
 
 
+def half_order(U: int) -> np.ndarray:
+    """Tile order (half, unit, j) of 32-weight blocks split into low and high nibbles -> column."""
+    h, u, j = np.meshgrid(np.arange(2), np.arange(U), np.arange(16), indexing="ij")
+    return (u * 32 + h * 16 + j).reshape(-1)
+
+
 def lut_codes(tmp: np.ndarray, out: np.ndarray) -> None:
     """out = IQ4_VALUES[tmp] for 4-bit indices tmp (uint8) -> float32."""
     np.take(IQ4_VALUES, tmp, out=out)
@@ -27,15 +33,21 @@ class Q4_0(BlockFormat):
     """18 bytes / 32 weights: d f16 | qs[16]. Weight j = d * ((qs[j] & 0xF) - 8), weight 16+j uses
     qs[j] >> 4. Repacked: qs (nb, 16, N8) + d f32 (nb, N8) = 20 bytes/block (1.11x)."""
 
-    qtype, block, size, sub, offset = QT.Q4_0, 32, 18, 32, -8.0
+    qtype, block, size, sub, offset, run = QT.Q4_0, 32, 18, 32, -8.0, 16
 
     def repack(self, kb):
         return {"d": f16_field(kb, 0), "qs": np.ascontiguousarray(kb[:, 2:18])}
 
+    def order(self, U):
+        return half_order(U)
+
     def codes(self, p, u0, u1, r0, r1, out, tmp):
-        t = tmp.reshape(u1 - u0, 2, 16, r1 - r0)
-        split_nibbles(p["qs"][u0:u1, :, r0:r1], t[:, 0], t[:, 1])   # (U, 2, 16, R): elements 0..15, 16..31
+        self._nibbles(p, u0, u1, r0, r1, tmp)
         np.copyto(out, tmp, casting="unsafe")
+
+    def _nibbles(self, p, u0, u1, r0, r1, tmp):
+        t = tmp.reshape(2, u1 - u0, 16, r1 - r0)                  # (half, U, j, R): weight 16*half + j
+        split_nibbles(p["qs"][u0:u1, :, r0:r1], t[0], t[1])
 
     def scales(self, p, u0, u1, r0, r1):
         return p["d"][u0:u1, r0:r1]
@@ -48,8 +60,7 @@ class IQ4_NL(Q4_0):
     qtype, offset = QT.IQ4_NL, 0.0
 
     def codes(self, p, u0, u1, r0, r1, out, tmp):
-        t = tmp.reshape(u1 - u0, 2, 16, r1 - r0)
-        split_nibbles(p["qs"][u0:u1, :, r0:r1], t[:, 0], t[:, 1])
+        self._nibbles(p, u0, u1, r0, r1, tmp)
         lut_codes(tmp, out)
 
 
@@ -57,7 +68,7 @@ class Q4_1(Q4_0):
     """20 bytes / 32 weights: d f16 | m f16 | qs[16]. Weight = d * nibble + m (nibbles as Q4_0).
     Repacked: qs + d f32 + m f16 = 22 bytes/block (1.10x); m is cast per tile (1/32 of the work)."""
 
-    qtype, size, offset, has_mins = QT.Q4_1, 20, 0.0, True
+    qtype, size, offset, has_mins, f16_at = QT.Q4_1, 20, 0.0, True, (0, 2)
 
     def repack(self, kb):
         m = f16_field(kb, 2).astype(np.float16)
@@ -72,7 +83,7 @@ class Q5_0(BlockFormat):
     Weight = d * ((nibble | hbit << 4) - 16). Repacked: qs (nb,16,N8) + qh bytes (nb,4,N8) + d f32
     = 24 bytes/block (1.09x)."""
 
-    qtype, block, size, sub, offset = QT.Q5_0, 32, 22, 32, -16.0
+    qtype, block, size, sub, offset, run = QT.Q5_0, 32, 22, 32, -16.0, 16
     _qs_at = 6
 
     def repack(self, kb):
@@ -80,15 +91,19 @@ class Q5_0(BlockFormat):
         return {"d": f16_field(kb, 0), "qh": np.ascontiguousarray(kb[:, a - 4:a]),
                 "qs": np.ascontiguousarray(kb[:, a:a + 16])}
 
+    def order(self, U):
+        return half_order(U)
+
     def codes(self, p, u0, u1, r0, r1, out, tmp):
         U, R = u1 - u0, r1 - r0
-        t = tmp.reshape(U, 2, 16, R)
-        split_nibbles(p["qs"][u0:u1, :, r0:r1], t[:, 0], t[:, 1])
-        qh = p["qh"][u0:u1, :, r0:r1]                      # (U, 4, R): byte i bit b -> weight 8i+b
-        t8 = tmp.reshape(U, 4, 8, R)
-        scratch = np.empty((U, 4, R), dtype=np.uint8)
+        t = tmp.reshape(2, U, 16, R)
+        split_nibbles(p["qs"][u0:u1, :, r0:r1], t[0], t[1])
+        # qh byte i, bit b -> weight 8i+b = 16*half + 8*(i%2) + b with half = i//2
+        qh = p["qh"][u0:u1, :, r0:r1].reshape(U, 2, 2, R).transpose(1, 0, 2, 3)   # (half, U, i%2, R)
+        t8 = tmp.reshape(2, U, 2, 8, R)
+        scratch = np.empty((2, U, 2, R), dtype=np.uint8)
         for b in range(8):
-            or_bit(qh, b, t8[:, :, b], 4, scratch)
+            or_bit(qh, b, t8[:, :, :, b], 4, scratch)
         np.copyto(out, tmp, casting="unsafe")
 
     def scales(self, p, u0, u1, r0, r1):
@@ -99,7 +114,7 @@ class Q5_1(Q5_0):
     """24 bytes / 32 weights: d f16 | m f16 | qh u32 | qs[16]. Weight = d * (nibble | hbit << 4) + m.
     Repacked: qs + qh + d f32 + m f16 = 26 bytes/block (1.08x)."""
 
-    qtype, size, offset, has_mins = QT.Q5_1, 24, 0.0, True
+    qtype, size, offset, has_mins, f16_at = QT.Q5_1, 24, 0.0, True, (0, 2)
     _qs_at = 8
 
     def repack(self, kb):

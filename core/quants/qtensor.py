@@ -75,17 +75,22 @@ def repack_blocks(fmt: BlockFormat, data: np.ndarray, n_out: int, n_in: int) -> 
 def reconstruct(fmt: BlockFormat, p: dict, n_in: int, n_rows: int) -> np.ndarray:
     """All weights of the (padded) rows in p -> (n_rows, n_in) float32, bit-exact with gguf-py."""
     r8 = next(iter(p.values())).shape[-1]
-    nu, ns = n_in // fmt.block, n_in // fmt.sub
+    nu = n_in // fmt.block
+    order = fmt.order(nu)                                   # tile position -> column
+    run = fmt.run or fmt.sub
+    run_sub = order[::run] // fmt.sub                       # sub-block of each run of positions
     w = np.empty((n_in, r8), dtype=np.float32)
     fmt.codes(p, 0, nu, 0, r8, w, np.empty((n_in, r8), dtype=np.uint8))
-    w3 = w.reshape(ns, fmt.sub, r8)
+    w3 = w.reshape(-1, run, r8)
     if fmt.offset:
         w3 += np.float32(fmt.offset)                       # integers: exact
-    w3 *= fmt.scales(p, 0, nu, 0, r8)[:, None, :]
+    w3 *= fmt.scales(p, 0, nu, 0, r8)[run_sub][:, None, :]
     mins = fmt.mins(p, 0, nu, 0, r8)
     if mins is not None:
-        w3 += mins[:, None, :]
-    return np.ascontiguousarray(w[:, :n_rows].T)
+        w3 += mins[run_sub][:, None, :]
+    natural = np.empty_like(w)
+    natural[order] = w
+    return np.ascontiguousarray(natural[:, :n_rows].T)
 
 
 class QTensor:
@@ -98,19 +103,34 @@ class QTensor:
         if self.qtype in FLOAT_TYPES:
             self._fmt = None
             self._rows = float_rows(self.qtype, data, n_out, n_in)   # the mapping itself, no copy
-            self._p = {}
+            self._tiles = []
         else:
             self._fmt = FORMATS[self.qtype]
-            self._p = repack_blocks(self._fmt, data, n_out, n_in)
+            rows = np.asarray(data).view(np.uint8).reshape(n_out, -1)
+            self._tiles = [repack_blocks(self._fmt, rows[a:a + ROW_TILE], len(rows[a:a + ROW_TILE]), n_in)
+                           for a in range(0, n_out, ROW_TILE)]        # each tile contiguous, rows last
             self._rows = None
+            self._plan_columns()
         self._n8 = -(-n_out // 8) * 8
+
+    def _plan_columns(self) -> None:
+        """Column tiles (units [u0, u1)) and the tile-order permutation of the input columns."""
+        fmt, n_in = self._fmt, self.shape[1]
+        n_units = n_in // fmt.block
+        per = max(1, TILE_ELEMS // (min(ROW_TILE, -(-self.shape[0] // 8) * 8) * fmt.block))
+        self._cols = [(u0, min(u0 + per, n_units)) for u0 in range(0, n_units, per)]
+        perm = np.concatenate([u0 * fmt.block + fmt.order(u1 - u0) for u0, u1 in self._cols])
+        self._run = fmt.run or fmt.sub
+        self._identity = bool(np.array_equal(perm, np.arange(n_in)))
+        self._perm = None if self._identity else perm
+        self._run_sub = perm[::self._run] // fmt.sub                    # (n_runs,) sub-block of each run
 
     @property
     def nbytes(self) -> int:
         """Bytes this object keeps in memory (after repacking; the mapped rows for float types)."""
         if self._rows is not None:
             return int(self._rows.nbytes)
-        return int(sum(a.nbytes for a in self._p.values()))
+        return int(sum(a.nbytes for p in self._tiles for a in p.values()))
 
     # ---- products ---------------------------------------------------------------------------------
     def matmul(self, x: np.ndarray, pool: Executor | None = None) -> np.ndarray:
@@ -123,9 +143,12 @@ class QTensor:
             tile = max(8, TILE_ELEMS // self.shape[1] // 8 * 8)
             work, ctx = self._float_rows, x
         else:
-            tile = ROW_TILE
+            tile = 0
             work, ctx = self._quant_rows, self._prepare(x)
-        bounds = [(a, min(a + tile, self._n8)) for a in range(0, self._n8, tile)]
+        if self._fmt is None:
+            bounds = [(a, min(a + tile, self.shape[0])) for a in range(0, self.shape[0], tile)]
+        else:
+            bounds = [(i, i * ROW_TILE) for i in range(len(self._tiles))]
         if pool is None or len(bounds) == 1:
             for a, b in bounds:
                 work(ctx, out, a, b)
@@ -135,49 +158,61 @@ class QTensor:
         return out
 
     def _prepare(self, x: np.ndarray) -> tuple:
-        """Per-call views of x: x, per-sub-block sums xs (T, n_sub) and x split by sub-block."""
-        sub = self._fmt.sub
+        """Per-call forms of x: tile-ordered columns xt, sums per sub-block xs (T, n_sub), and for small
+        T the runs xv (n_runs, T, run) with their sums xr (n_runs, T)."""
         T, n_in = x.shape
-        xr = x.reshape(T, n_in // sub, sub)
-        xs = xr.sum(axis=2, dtype=np.float32)                # (T, n_sub)
-        xv = np.ascontiguousarray(xr.transpose(1, 0, 2)) if T <= SMALL_T else None   # (n_sub, T, sub)
-        return x, xs, xv
+        xs = x.reshape(T, n_in // self._fmt.sub, self._fmt.sub).sum(axis=2, dtype=np.float32)
+        xt = x if self._identity else np.ascontiguousarray(x[:, self._perm])
+        xv = xr = None
+        if T <= SMALL_T:
+            xv = np.ascontiguousarray(xt.reshape(T, -1, self._run).transpose(1, 0, 2))
+            xr = xv.sum(axis=2, dtype=np.float32) if self._fmt.offset else None
+        return xt, xs, xv, xr
 
-    def _quant_rows(self, ctx: tuple, out: np.ndarray, a: int, b: int) -> None:
-        """out[:, a:b] for one row tile of a block-quantized matrix."""
-        x, xs, xv = ctx
-        fmt, p = self._fmt, self._p
-        T, n_in = x.shape
-        R, blk, ns, sub = b - a, fmt.block, fmt.nsub, fmt.sub
+    def _quant_rows(self, ctx: tuple, out: np.ndarray, i: int, a: int) -> None:
+        """out[:, a:a+R] for row tile i (rows a.., R of them padded to 8) of a block-quantized matrix."""
+        xt, xs, xv, xr = ctx
+        fmt, p, run = self._fmt, self._tiles[i], self._run
+        T, n_in = xt.shape
+        R, blk = p["d"].shape[-1], fmt.block
         n_units = n_in // blk
-        per = max(1, TILE_ELEMS // (R * blk))              # units per column tile
-        fbuf = _scratch("f", (per * blk, R), np.float32)
-        tbuf = _scratch("t", (per * blk, R), np.uint8)
-        acc = np.zeros((T, R), dtype=np.float32)
+        k_max = max(u1 - u0 for u0, u1 in self._cols) * blk
+        fbuf = _scratch("f", (k_max, R), np.float32)
+        tbuf = _scratch("t", (k_max, R), np.uint8)
+        S = fmt.scales(p, 0, n_units, 0, R)                             # (n_sub, R)
+        Sr = S if self._identity else S[self._run_sub]                  # (n_runs, R) scale of each run
+        mins = fmt.mins(p, 0, n_units, 0, R)                            # (n_sub, R) or None
         off = np.float32(fmt.offset)
-        for u0 in range(0, n_units, per):
-            u1 = min(u0 + per, n_units)
-            k = (u1 - u0) * blk
-            s0, s1 = u0 * ns, u1 * ns
-            f = fbuf[:k]
-            fmt.codes(p, u0, u1, a, b, f, tbuf[:k])                   # (k, R) integer codes
-            S = fmt.scales(p, u0, u1, a, b)                             # (k/sub, R)
-            f3 = f.reshape(-1, sub, R)
+        if xv is not None:
+            part = _scratch("part", (n_in // run, T, R), np.float32)    # per-run dot products
+        else:
+            acc = np.zeros((T, R), dtype=np.float32)
+            prod = _scratch("prod", (T, R), np.float32)
+        for u0, u1 in self._cols:
+            c0, c1 = u0 * blk, u1 * blk
+            f = fbuf[:c1 - c0]
+            fmt.codes(p, u0, u1, 0, R, f, tbuf[:c1 - c0])              # (k, R) integer codes, tile order
+            f3 = f.reshape(-1, run, R)
             if xv is not None:
-                part = np.matmul(xv[s0:s1], f3)                         # (k/sub, T, R)
-                if off:
-                    part += off * xs[:, s0:s1].T[:, :, None]
-                part *= S[:, None, :]
-                acc += part.sum(axis=0)
+                np.matmul(xv[c0 // run:c1 // run], f3, out=part[c0 // run:c1 // run])   # (k/run, T, R)
             else:
-                f3 *= S[:, None, :]
-                acc += x[:, u0 * blk:u1 * blk] @ f                      # (T, k) @ (k, R)
-                if off:
-                    acc += xs[:, s0:s1] @ (off * S)
-            mins = fmt.mins(p, u0, u1, a, b)
+                f3 *= Sr[c0 // run:c1 // run, None, :]
+                np.matmul(xt[:, c0:c1], f, out=prod)                   # (T, k) @ (k, R)
+                acc += prod
+        if xv is not None:
+            if off:
+                part += off * xr[:, :, None]
+            part *= Sr[:, None, :]
+            acc = part.sum(axis=0)
             if mins is not None:
-                acc += xs[:, s0:s1] @ mins                              # (T, k/sub) @ (k/sub, R)
-        n = min(b, self.shape[0]) - a
+                acc += xs @ mins                                        # (T, n_sub) @ (n_sub, R)
+        else:
+            A = off * S if off else None
+            if mins is not None:
+                A = mins if A is None else A + mins
+            if A is not None:
+                acc += xs @ A
+        n = min(R, self.shape[0] - a)
         out[:, a:a + n] = acc[:, :n]
 
     def _float_rows(self, x: np.ndarray, out: np.ndarray, a: int, b: int) -> None:
@@ -195,9 +230,14 @@ class QTensor:
             raise ValueError(f"get_rows: ids outside [0, {self.shape[0]})")
         if self._fmt is None:
             return np.array(widen(self.qtype, self._rows[ids]), dtype=np.float32)
-        pad = np.zeros(-(-ids.size // 8) * 8 - ids.size, dtype=np.int64)
-        idx = np.concatenate([ids, pad])
-        return reconstruct(self._fmt, {k: np.take(v, idx, axis=-1) for k, v in self._p.items()}, self.shape[1], ids.size)
+        out = np.empty((ids.size, self.shape[1]), dtype=np.float32)
+        for i in np.unique(ids // ROW_TILE):
+            sel = np.nonzero(ids // ROW_TILE == i)[0]
+            local = ids[sel] - i * ROW_TILE
+            idx = np.concatenate([local, np.zeros(-(-sel.size // 8) * 8 - sel.size, dtype=np.int64)])
+            p = {k: np.take(v, idx, axis=-1) for k, v in self._tiles[i].items()}
+            out[sel] = reconstruct(self._fmt, p, self.shape[1], sel.size)
+        return out
 
     def dequantize(self) -> np.ndarray:
         """The whole matrix in float32 (for tests and small tensors only)."""

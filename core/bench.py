@@ -1,0 +1,180 @@
+"""`python -m core.bench`: speed of the numpy quant kernels (and, with --model, of the whole model).
+
+Owns the benchmark of issue 2: per weight type, ms and GB/s (of quantized weight bytes) of a 4096x4096
+and an 11008x4096 matrix-vector product, GFLOP/s of a 64-token matrix product, the machine's streaming
+read bandwidth measured in the same run and the ratio; with --model, decode and prefill tokens/s of a
+TinyLlama-shaped synthetic file of each type (files cached in a temp dir, never in the repository).
+Must not: be a test (nothing here asserts), or run long by default. Timings are the best of a few runs.
+
+Usage: python -m core.bench [--types q4_0,q8_0] [--threads N] [--json OUT] [--model] [--quick]
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")    # our tiles call BLAS from each thread themselves
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as QT
+
+from .quants import SUPPORTED_TYPES, make_qtensor
+from .quants.layout import FORMATS
+
+ORDER = ["f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k",
+         "q6_k", "iq4_nl", "iq4_xs"]
+SHAPES = [(4096, 4096), (11008, 4096)]
+BATCH = 64
+
+
+def best_time(fn, repeat: int, budget_s: float) -> float:
+    """Best wall time of fn() over `repeat` runs (fewer if the budget runs out; at least 2)."""
+    best, start = float("inf"), time.perf_counter()
+    for i in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+        if i >= 1 and time.perf_counter() - start > budget_s:
+            break
+    return best
+
+
+def stream_bandwidth(mbytes: int = 256) -> float:
+    """Streaming read bandwidth in GB/s: best of a few BLAS dot products over two large arrays."""
+    n = mbytes * (1 << 20) // 8
+    a = np.ones(n, dtype=np.float32)
+    b = np.ones(n, dtype=np.float32)
+    return 2 * a.nbytes / best_time(lambda: np.dot(a, b), 6, 3.0) / 1e9
+
+
+def random_weight(qt: QT, n_out: int, n_in: int, rng: np.random.Generator) -> np.ndarray:
+    """GGUFReader-like data of a random (n_out, n_in) matrix in type qt (valid, finite scales)."""
+    if qt in (QT.F32, QT.F16):
+        return rng.standard_normal((n_out, n_in), dtype=np.float32).astype(np.float16 if qt == QT.F16 else np.float32)
+    if qt == QT.BF16:
+        return rng.integers(0x3c00, 0x3f00, (n_out, n_in), dtype=np.uint16).view(np.uint8)
+    bs, ts = GGML_QUANT_SIZES[qt]
+    blocks = rng.integers(0, 256, (n_out, n_in // bs, ts), dtype=np.uint8)
+    for at in FORMATS[qt].f16_at:
+        d = (rng.uniform(1e-3, 2e-2, blocks.shape[:2])).astype(np.float16)
+        blocks[:, :, at:at + 2] = d.view(np.uint8).reshape(*blocks.shape[:2], 2)
+    return blocks.reshape(n_out, -1)
+
+
+def bench_type(qt: QT, pool, repeat: int, rng: np.random.Generator) -> dict:
+    """Matvec on every SHAPE and a BATCH-token matmul on the first one, for one weight type."""
+    row: dict = {"type": qt.name}
+    for n_out, n_in in SHAPES:
+        data = random_weight(qt, n_out, n_in, rng)
+        w = make_qtensor(qt, data, (n_out, n_in))
+        x = rng.standard_normal((1, n_in), dtype=np.float32)
+        t = best_time(lambda: w.matmul(x, pool), repeat, 4.0)
+        key = f"{n_out}x{n_in}"
+        row[key] = {"ms": t * 1e3, "GBps": data.nbytes / t / 1e9, "bytes": int(data.nbytes),
+                    "mem_ratio": w.nbytes / data.nbytes}
+        if (n_out, n_in) == SHAPES[0]:
+            xb = rng.standard_normal((BATCH, n_in), dtype=np.float32)
+            tb = best_time(lambda: w.matmul(xb, pool), max(2, repeat // 2), 4.0)
+            row[f"matmul{BATCH}"] = {"ms": tb * 1e3, "GFLOPs": 2 * BATCH * n_out * n_in / tb / 1e9}
+        del w, data
+    return row
+
+
+def print_kernel_table(rows: list[dict], stream: float, threads: int) -> None:
+    a, b = (f"{o}x{i}" for o, i in SHAPES)
+    print(f"streaming read bandwidth: {stream:.1f} GB/s   threads: {threads}   (best of a few runs; the "
+          f"machine is shared, so figures are approximate)")
+    print(f"{'type':8} {a + ' ms':>13} {'GB/s':>6} {b + ' ms':>14} {'GB/s':>6} {'ratio':>6} "
+          f"{'mem':>5} {f'{BATCH}-tok ms':>10} {'GFLOP/s':>8}")
+    for r in rows:
+        print(f"{r['type']:8} {r[a]['ms']:13.2f} {r[a]['GBps']:6.2f} {r[b]['ms']:14.2f} {r[b]['GBps']:6.2f} "
+              f"{r[a]['GBps'] / stream:6.3f} {r[a]['mem_ratio']:5.2f} {r[f'matmul{BATCH}']['ms']:10.1f} "
+              f"{r[f'matmul{BATCH}']['GFLOPs']:8.1f}")
+
+
+def bench_model(type_name: str, threads: int, cache: Path, n_prompt: int, n_decode: int) -> dict:
+    """Decode and prefill tokens/s of a TinyLlama-shaped synthetic file of one type."""
+    from .loader import open_model
+    from .model import Stage
+    from .synth import write_synthetic
+
+    path = cache / f"tinyllama-{type_name}.gguf"
+    if not path.is_file():
+        write_synthetic(path.with_suffix(".part"), preset="tinyllama", qtype=type_name, seed=0)
+        path.with_suffix(".part").rename(path)
+    model = open_model(path)
+    t0 = time.perf_counter()
+    stage = Stage(model, range(model.config.n_layer), embed=True, head=True, n_ctx=n_prompt + n_decode + 8,
+                  threads=threads)
+    load_s = time.perf_counter() - t0
+    tokens = list(np.random.default_rng(0).integers(3, model.config.n_vocab, n_prompt))
+    t0 = time.perf_counter()
+    logits = stage.eval(tokens, 0)
+    prefill = n_prompt / (time.perf_counter() - t0)
+    tok, best = int(np.argmax(logits)), float("inf")
+    for i in range(n_decode):
+        t = time.perf_counter()
+        tok = int(np.argmax(stage.eval([tok], n_prompt + i)))
+        best = min(best, time.perf_counter() - t)
+    stage.close()
+    return {"type": type_name, "file_bytes": path.stat().st_size, "load_s": load_s,
+            "prefill_tok_s": prefill, "decode_tok_s": 1.0 / best}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m core.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--types", default=",".join(ORDER), help="comma-separated weight types (default: all)")
+    ap.add_argument("--threads", type=int, default=1, help="threads splitting row tiles (default 1)")
+    ap.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
+    ap.add_argument("--repeat", type=int, default=8, help="runs per measurement; the best is kept")
+    ap.add_argument("--model", action="store_true", help="also time decode/prefill of TinyLlama-shaped files")
+    ap.add_argument("--no-kernels", action="store_true", help="skip the kernel table (with --model)")
+    ap.add_argument("--prompt", type=int, default=64, help="prefill length for --model (default 64)")
+    ap.add_argument("--decode", type=int, default=8, help="decode steps for --model (default 8)")
+    ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "llama-mpi-bench"),
+                    help="where synthetic model files are cached (default: a temp dir)")
+    args = ap.parse_args(argv)
+    names = [t.strip().lower() for t in args.types.split(",") if t.strip()]
+    bad = [t for t in names if t.upper() not in QT.__members__ or QT[t.upper()] not in SUPPORTED_TYPES]
+    if bad or args.threads < 1:
+        print(f"error: unknown type(s) {', '.join(bad)}; choose from {','.join(ORDER)}" if bad
+              else "error: --threads must be >= 1", file=sys.stderr)
+        return 2
+    pool = ThreadPoolExecutor(args.threads) if args.threads > 1 else None
+    result: dict = {"threads": args.threads, "numpy": np.__version__}
+    try:
+        if not args.no_kernels:
+            stream = stream_bandwidth()
+            rng = np.random.default_rng(0)
+            rows = [bench_type(QT[t.upper()], pool, args.repeat, rng) for t in names]
+            result |= {"stream_GBps": stream, "kernels": rows}
+            print_kernel_table(rows, stream, args.threads)
+        if args.model:
+            cache = Path(args.cache)
+            cache.mkdir(parents=True, exist_ok=True)
+            models = []
+            print(f"\n{'type':8} {'file MB':>8} {'load s':>7} {'prefill tok/s':>14} {'decode tok/s':>13}")
+            for t in names:
+                m = bench_model(t, args.threads, cache, args.prompt, args.decode)
+                models.append(m)
+                print(f"{t:8} {m['file_bytes'] / 1e6:8.0f} {m['load_s']:7.1f} {m['prefill_tok_s']:14.1f} "
+                      f"{m['decode_tok_s']:13.2f}", flush=True)
+            result["model"] = models
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
