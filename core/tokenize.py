@@ -64,7 +64,8 @@ def _text_from(args: argparse.Namespace) -> str:
         raise UsageError(f"--file: {args.file} is not UTF-8") from None
 
 
-def run(args: argparse.Namespace, out=sys.stdout) -> None:
+def run(args: argparse.Namespace, out=None) -> None:
+    out = sys.stdout if out is None else out
     text = _text_from(args)
     tok = Tokenizer.from_path(args.model)
     if args.inp is not None:
