@@ -1,0 +1,94 @@
+"""Helpers for the MPI tests: find the mpich wheel's mpiexec, run the test driver, watch the process table."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DRIVER = REPO / "tests" / "mpi_driver.py"
+FIXTURE_MODELS = REPO.parent / "shared" / "fixtures" / "models"
+PROMPT = [1] + [(i * 37) % 500 + 3 for i in range(39)]          # BOS + 39 ids valid in both vocabularies
+
+
+def mpiexec() -> str:
+    """The mpiexec beside this interpreter (the mpich wheel's hydra); skip when there is none."""
+    exe = Path(sys.executable).parent / "mpiexec"
+    if not exe.exists():
+        pytest.skip(f"no mpiexec next to {sys.executable}")
+    return str(exe)
+
+
+def model(name: str) -> str:
+    path = FIXTURE_MODELS / f"{name}.gguf"
+    if not path.exists():
+        pytest.skip(f"fixture model {path} not found")
+    return str(path)
+
+
+def driver_cmd(out: Path, n_gen: int, opts: list[str], *, n_ranks: int | None = None,
+               prompt: list[int] = PROMPT, extra: list[str] = ()) -> list[str]:
+    cmd = [sys.executable, str(DRIVER), str(out), ",".join(map(str, prompt)), str(n_gen), *extra, "--", *opts]
+    return ([mpiexec(), "-n", str(n_ranks)] + cmd) if n_ranks else cmd
+
+
+def run(cmd: list[str], env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO,
+                          start_new_session=True)   # hydra clean-up kills the whole process group
+
+
+def load(out: Path) -> dict:
+    with np.load(out) as z:
+        return {k: z[k] for k in z.files}
+
+
+def processes_matching(marker: str) -> list[int]:
+    """Pids whose command line contains `marker` (read from /proc)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline:
+            pids.append(int(d.name))
+    return pids
+
+
+def wait_gone(marker: str, timeout: float) -> float:
+    """Seconds until no process mentions `marker`; fails the test after `timeout`."""
+    t0 = time.monotonic()
+    while processes_matching(marker):
+        if time.monotonic() - t0 > timeout:
+            left = processes_matching(marker)
+            for pid in left:                                   # do not leave them behind
+                try:
+                    os.kill(pid, 9)
+                except OSError:
+                    pass
+            pytest.fail(f"processes still running after {timeout} s: {left}")
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+def rank_pid(marker: str, rank: int, timeout: float = 20) -> int:
+    """Pid of the rank `rank` process of a job (by PMI_RANK in its environment)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        for pid in processes_matching(marker):
+            try:
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"PMI_RANK={rank}".encode() in env and b"python" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+        time.sleep(0.05)
+    pytest.fail(f"rank {rank} of {marker} never showed up")
