@@ -157,6 +157,8 @@ def _numeric_array(parts: list, idx: list[int], dt: np.dtype, reader: Any) -> np
     # so one view from the first element's address replaces 128k tiny arrays.
     if not idx:
         return np.zeros(0, dtype=dt)
+    if len(idx) == 1:  # one element, or a reader that keeps the whole array in one part
+        return np.array(parts[idx[0]], dtype=dt).reshape(-1)
     first = parts[idx[0]]
     base = reader.data
     offset = first.__array_interface__["data"][0] - base.__array_interface__["data"][0]
