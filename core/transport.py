@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .control import FRAME_LEN, Abort, Message, decode, encode
+from .control import FRAME_LEN, Abort, Message, Shutdown, decode, encode
 
 # Message tags (one per channel, so the channels never match each other's receives).
 TAG_CTRL, TAG_DATA, TAG_REPORT, TAG_OBJ_LEN, TAG_OBJ = 11, 12, 13, 14, 15
@@ -263,13 +263,18 @@ class Transport:
             time.sleep(0.001)
 
     def await_abort(self, timeout_s: float) -> None:
-        """(worker, after reporting a failure) wait for the head's Abort; if none comes, abort the job."""
+        """(worker, after reporting a failure) wait for the head's Abort or Shutdown; if neither comes,
+        abort the job."""
         deadline = time.monotonic() + timeout_s
+
+        def done() -> bool:
+            return time.monotonic() > deadline or any(isinstance(m, Shutdown) for m, _ in self._stash)
         try:
-            self._poll_until(lambda: time.monotonic() > deadline)
+            self._poll_until(done)
         except (Aborted, PeerFailed):
             return
-        self.abort_job(1, f"rank {self.rank} ({self.host}): the head did not answer a failure report")
+        if not any(isinstance(m, Shutdown) for m, _ in self._stash):
+            self.abort_job(1, f"rank {self.rank} ({self.host}): the head did not answer a failure report")
 
     def abort_job(self, code: int, text: str | None = None) -> None:
         """End the whole job now: MPI_Abort, after which the launcher kills every rank (the only exit
