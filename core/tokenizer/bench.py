@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{path.name}: load {r['load_s']:.3f} s | {r['tokens']} tokens | "
               f"encode cold {r['cold_s']:.3f} s ({r['tokens'] / r['cold_s']:,.0f} tok/s, "
               f"{r['cold_s'] * 1e5 / n_bytes:.3f} s/100KB) | warm {r['warm_s']:.3f} s "
-              f"({r['tokens'] / r['warm_s']:,.0f} tok/s) | no word cache {r['nocache_s']:.3f} s | decode {r['decode_s']:.3f} s | "
+              f"({r['tokens'] / r['warm_s']:,.0f} tok/s) | no word cache {r['nocache_s']:.3f} s "
+              f"({r['tokens'] / r['nocache_s']:,.0f} tok/s) | decode {r['decode_s']:.3f} s | "
               f"round trip {'ok' if r['roundtrip'] else 'differs'}")
     return 0
 
