@@ -112,9 +112,10 @@ def _set_f16(blocks: np.ndarray, offset: int, values: np.ndarray) -> None:
 def _quant_tensor(rng: np.random.Generator, shape: tuple[int, int], std: float, qtype: QT) -> np.ndarray:
     """Random valid blocks (n_out, bytes_per_row) whose dequantized values have mean ~0 and std ~`std`.
 
-    The quant bits are random bytes. The f16 scale and minimum are u*a and u*a*c for a per-block u in
-    [0.5, 1.5): the dequantized value is linear in (scale, min), so c (zero mean) and a (target std) are
-    read off gguf's dequantization of a sample with (u, 0) and (0, u).
+    The quant bits are random bytes. The f16 scale and minimum are s*u*a and s*u*a*c for a per-block
+    u in [0.5, 1.5) and a random sign s (so types without a minimum, whose codes are not centred, still
+    average to zero): the dequantized value is linear in (scale, min), so c (zero mean) and a (target
+    std) are read off gguf's dequantization of a sample with (u, 0) and (0, u).
     """
     n_out, n_in = shape
     block, type_size = GGML_QUANT_SIZES[qtype]
@@ -135,9 +136,10 @@ def _quant_tensor(rng: np.random.Generator, shape: tuple[int, int], std: float, 
         c = -v_scale.mean() / v_min.mean()
         v_scale = v_scale + c * v_min
     a = std / max(float(v_scale.std()), 1e-30)
-    _set_f16(blocks, d_off, u * np.float32(a))
+    signed = u * rng.choice(np.array([-1.0, 1.0], np.float32), size=n_blocks)
+    _set_f16(blocks, d_off, signed * np.float32(a))
     if m_off is not None:
-        _set_f16(blocks, m_off, u * np.float32(a * c))
+        _set_f16(blocks, m_off, signed * np.float32(a * c))
     return blocks.reshape(n_out, n_in // block * type_size)
 
 
