@@ -19,6 +19,20 @@ def float_rows(qtype: QT, data: np.ndarray, n_out: int, n_in: int) -> np.ndarray
     return np.asarray(data).view(np.uint8).view(dtype).reshape(n_out, n_in)
 
 
+def f16_fast(rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """F16 -> F32 with integer ops (numpy's own f16 cast is ~10x slower per element); exact for every
+    finite value (subnormals included), not for inf/nan (never in weights; dequantize() uses the cast)."""
+    u = out.view(np.uint32)
+    np.copyto(u, rows.view(np.uint16), casting="unsafe")
+    sign = np.bitwise_and(u, np.uint32(0x8000))
+    np.bitwise_xor(u, sign, out=u)
+    np.left_shift(u, np.uint32(13), out=u)                  # exponent and mantissa into f32 position
+    np.multiply(out, np.float32(2.0 ** 112), out=out)       # rebias the exponent (15 -> 127)
+    np.left_shift(sign, np.uint32(16), out=sign)
+    np.bitwise_or(u, sign, out=u)
+    return out
+
+
 def widen(qtype: QT, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Rows of float_rows() -> float32 (BF16: the 16 bits become the high half of an f32)."""
     if qtype == QT.F32:

@@ -54,6 +54,13 @@ class Q2_K(BlockFormat):
     def order(self, U):
         return crumb_order(U)
 
+    def run_shape(self, U):
+        return (4, U, 2, 2)                                     # (j, U, n, l // 16)
+
+    def run_scales(self, S, U):                                 # sub-block 8n + 2j + l//16
+        n, R = S.shape[0], S.shape[-1]
+        return S.reshape(n, U, 2, 4, 2, R).transpose(0, 3, 1, 2, 4, 5)
+
     def codes(self, p, u0, u1, r0, r1, out, tmp):
         U, R = u1 - u0, r1 - r0
         crumbs(p["qs"][u0:u1, :, r0:r1].reshape(U, 2, 32, R), tmp.reshape(4, U, 2, 32, R))
@@ -87,6 +94,13 @@ class Q3_K(BlockFormat):
     def order(self, U):
         return crumb_order(U)
 
+    def run_shape(self, U):
+        return (4, U, 2, 2)                                     # (j, U, n, l // 16)
+
+    def run_scales(self, S, U):                                 # sub-block 8n + 2j + l//16
+        n, R = S.shape[0], S.shape[-1]
+        return S.reshape(n, U, 2, 4, 2, R).transpose(0, 3, 1, 2, 4, 5)
+
     def codes(self, p, u0, u1, r0, r1, out, tmp):
         U, R = u1 - u0, r1 - r0
         t = tmp.reshape(4, U, 2, 32, R)                         # (j, U, n, l, R): weight 128n+32j+l
@@ -119,6 +133,13 @@ class Q4_K(BlockFormat):
     def order(self, U):
         h, u, g, l = np.meshgrid(np.arange(2), np.arange(U), np.arange(4), np.arange(32), indexing="ij")
         return (u * 256 + g * 64 + h * 32 + l).reshape(-1)
+
+    def run_shape(self, U):
+        return (2, U, 4)                                        # (h, U, g): sub-block 2g + h
+
+    def run_scales(self, S, U):
+        n, R = S.shape[0], S.shape[-1]
+        return S.reshape(n, U, 4, 2, R).transpose(0, 3, 1, 2, 4)
 
     def codes(self, p, u0, u1, r0, r1, out, tmp):
         U, R = u1 - u0, r1 - r0
@@ -195,6 +216,13 @@ class IQ4_XS(BlockFormat):
     def order(self, U):
         h, u, s, j = np.meshgrid(np.arange(2), np.arange(U), np.arange(8), np.arange(16), indexing="ij")
         return (u * 256 + s * 32 + h * 16 + j).reshape(-1)
+
+    def run_shape(self, U):
+        return (2, U, 8)                                        # (h, U, s): sub-block s
+
+    def run_scales(self, S, U):
+        n, R = S.shape[0], S.shape[-1]
+        return S.reshape(n, 1, U, 8, R)
 
     def repack(self, kb):
         sh = kb[:, 2].astype(np.uint16) | (kb[:, 3].astype(np.uint16) << 8)     # (nb, N)

@@ -57,6 +57,14 @@ class BlockFormat:
         interleaving them, so tiles are not in column order; x is gathered to match once per call."""
         return np.arange(U * self.block)
 
+    def run_shape(self, U: int) -> tuple[int, ...]:
+        """The runs of a tile of U units, as an array shape (their order in the tile)."""
+        return (U * self.block // (self.run or self.sub),)
+
+    def run_scales(self, S: np.ndarray, U: int) -> np.ndarray:
+        """S of n column tiles (n, U*nsub, R) -> a view broadcastable to (n, *run_shape(U), R)."""
+        return S
+
     def repack(self, blocks: np.ndarray) -> dict[str, np.ndarray]:
         """blocks (nb, size, N8) uint8 (already k-major) -> named arrays, rows last."""
         raise NotImplementedError

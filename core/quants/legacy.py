@@ -24,12 +24,26 @@ def half_order(U: int) -> np.ndarray:
     return (u * 32 + h * 16 + j).reshape(-1)
 
 
+class HalvesMixin:
+    """Tile order of 32-weight blocks unpacked as (half, unit, j): runs (2, U), both halves of unit u
+    scaled by sub-block u."""
+
+    def order(self, U):
+        return half_order(U)
+
+    def run_shape(self, U):
+        return (2, U)
+
+    def run_scales(self, S, U):
+        return S[:, None]
+
+
 def lut_codes(tmp: np.ndarray, out: np.ndarray) -> None:
     """out = IQ4_VALUES[tmp] for 4-bit indices tmp (uint8) -> float32."""
     np.take(IQ4_VALUES, tmp, out=out)
 
 
-class Q4_0(BlockFormat):
+class Q4_0(HalvesMixin, BlockFormat):
     """18 bytes / 32 weights: d f16 | qs[16]. Weight j = d * ((qs[j] & 0xF) - 8), weight 16+j uses
     qs[j] >> 4. Repacked: qs (nb, 16, N8) + d f32 (nb, N8) = 20 bytes/block (1.11x)."""
 
@@ -37,9 +51,6 @@ class Q4_0(BlockFormat):
 
     def repack(self, kb):
         return {"d": f16_field(kb, 0), "qs": np.ascontiguousarray(kb[:, 2:18])}
-
-    def order(self, U):
-        return half_order(U)
 
     def codes(self, p, u0, u1, r0, r1, out, tmp):
         self._nibbles(p, u0, u1, r0, r1, tmp)
@@ -78,7 +89,7 @@ class Q4_1(Q4_0):
         return p["m"][u0:u1, r0:r1].astype(np.float32)
 
 
-class Q5_0(BlockFormat):
+class Q5_0(HalvesMixin, BlockFormat):
     """22 bytes / 32 weights: d f16 | qh u32 (bit j = 5th bit of weight j) | qs[16] (nibbles as Q4_0).
     Weight = d * ((nibble | hbit << 4) - 16). Repacked: qs (nb,16,N8) + qh bytes (nb,4,N8) + d f32
     = 24 bytes/block (1.09x)."""
@@ -90,9 +101,6 @@ class Q5_0(BlockFormat):
         a = self._qs_at
         return {"d": f16_field(kb, 0), "qh": np.ascontiguousarray(kb[:, a - 4:a]),
                 "qs": np.ascontiguousarray(kb[:, a:a + 16])}
-
-    def order(self, U):
-        return half_order(U)
 
     def codes(self, p, u0, u1, r0, r1, out, tmp):
         U, R = u1 - u0, r1 - r0

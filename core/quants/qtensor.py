@@ -24,12 +24,12 @@ from gguf import GGMLQuantizationType as QT
 
 from ..errors import ModelFileError, UnsupportedModelError
 from . import kquants, legacy  # noqa: F401  (importing registers the formats)
-from .floats import FLOAT_TYPES, float_rows, widen
+from .floats import FLOAT_TYPES, f16_fast, float_rows, widen
 from .layout import FORMATS, BlockFormat, kmajor
 
 SUPPORTED_TYPES = frozenset(FORMATS) | FLOAT_TYPES
 
-ROW_TILE = 512           # rows per tile (a multiple of 8)
+ROW_TILE = 1024          # rows per tile (a multiple of 8)
 TILE_ELEMS = 1 << 17     # float32 elements of one expanded tile (512 KiB)
 SMALL_T = 4              # batches up to this size use per-sub-block partial dot products
 
@@ -117,13 +117,14 @@ class QTensor:
         """Column tiles (units [u0, u1)) and the tile-order permutation of the input columns."""
         fmt, n_in = self._fmt, self.shape[1]
         n_units = n_in // fmt.block
-        per = max(1, TILE_ELEMS // (min(ROW_TILE, -(-self.shape[0] // 8) * 8) * fmt.block))
+        target = max(1, TILE_ELEMS // (min(ROW_TILE, -(-self.shape[0] // 8) * 8) * fmt.block))
+        per = max(d for d in range(1, target + 1) if n_units % d == 0)  # equal column tiles
+        self._per = per
         self._cols = [(u0, min(u0 + per, n_units)) for u0 in range(0, n_units, per)]
         perm = np.concatenate([u0 * fmt.block + fmt.order(u1 - u0) for u0, u1 in self._cols])
         self._run = fmt.run or fmt.sub
         self._identity = bool(np.array_equal(perm, np.arange(n_in)))
         self._perm = None if self._identity else perm
-        self._run_sub = perm[::self._run] // fmt.sub                    # (n_runs,) sub-block of each run
 
     @property
     def nbytes(self) -> int:
@@ -180,7 +181,8 @@ class QTensor:
         fbuf = _scratch("f", (k_max, R), np.float32)
         tbuf = _scratch("t", (k_max, R), np.uint8)
         S = fmt.scales(p, 0, n_units, 0, R)                             # (n_sub, R)
-        Sr = S if self._identity else S[self._run_sub]                  # (n_runs, R) scale of each run
+        U, n_ct, rs = self._per, len(self._cols), fmt.run_shape(self._per)
+        Sr = fmt.run_scales(S.reshape(n_ct, -1, R), U)                  # broadcasts to (n_ct, *rs, R)
         mins = fmt.mins(p, 0, n_units, 0, R)                            # (n_sub, R) or None
         off = np.float32(fmt.offset)
         if xv is not None:
@@ -196,13 +198,14 @@ class QTensor:
             if xv is not None:
                 np.matmul(xv[c0 // run:c1 // run], f3, out=part[c0 // run:c1 // run])   # (k/run, T, R)
             else:
-                f3 *= Sr[c0 // run:c1 // run, None, :]
+                f.reshape(*rs, run, R)[...] *= Sr[u0 // U][..., None, :]
                 np.matmul(xt[:, c0:c1], f, out=prod)                   # (T, k) @ (k, R)
                 acc += prod
         if xv is not None:
+            pr = part.reshape(n_ct, *rs, T, R)
             if off:
-                part += off * xr[:, :, None]
-            part *= Sr[:, None, :]
+                pr += off * xr.reshape(n_ct, *rs, T)[..., None]
+            pr *= Sr[..., None, :]
             acc = part.sum(axis=0)
             if mins is not None:
                 acc += xs @ mins                                        # (T, n_sub) @ (n_sub, R)
@@ -219,7 +222,12 @@ class QTensor:
         """out[:, a:b] for one row tile of an F32/F16/BF16 matrix."""
         b = min(b, self.shape[0])
         rows = self._rows[a:b]
-        w = rows if self.qtype == QT.F32 else widen(self.qtype, rows, _scratch("w", rows.shape, np.float32))
+        if self.qtype == QT.F32:
+            w = rows
+        elif self.qtype == QT.F16:
+            w = f16_fast(rows, _scratch("w", rows.shape, np.float32))
+        else:
+            w = widen(self.qtype, rows, _scratch("w", rows.shape, np.float32))
         np.matmul(x, w.T, out=out[:, a:b])
 
     # ---- lookups ----------------------------------------------------------------------------------
