@@ -89,6 +89,8 @@ class Prepared:
         self.input_prefix = fill_prompt_vars(opts.input_prefix, v, "--in-prefix")
         self.input_suffix = fill_prompt_vars(opts.input_suffix, v, "--in-suffix")
         self.script = load_script(opts.script) if opts.script else None
+        if opts.transcript is not None and not Path(opts.transcript).resolve().parent.is_dir():
+            raise UsageError(f"--transcript: folder '{Path(opts.transcript).parent}' does not exist")
 
 
 def _worker_rank() -> bool:

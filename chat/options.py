@@ -335,8 +335,6 @@ def _to_options(ns: argparse.Namespace, file_argv: tuple[str, ...]) -> ChatOptio
                        input_prefix=process_escapes(opts.input_prefix),
                        input_suffix=process_escapes(opts.input_suffix),
                        reverse_prompts=tuple(process_escapes(r) for r in opts.reverse_prompts))
-    if opts.transcript is not None and not Path(opts.transcript).parent.is_dir():
-        raise UsageError(f"--transcript: folder '{Path(opts.transcript).parent}' does not exist")
     if opts.mpi_layer_split is not None and opts.np is not None and len(opts.mpi_layer_split) != opts.np:
         raise UsageError(f"--mpi-layer-split has {len(opts.mpi_layer_split)} weights but --np is {opts.np}: "
                          "give one weight per rank")

@@ -119,3 +119,95 @@ def test_piped_stdin_is_a_script(tmp_path):
     assert "\nUser:Hello Bob\n" in r.stdout              # the piped turn is echoed where it was typed
     assert "/quit" in r.stdout and r.stdout.count("Hello Bob") == 1
     assert_no_rank_left(tag)
+
+
+def test_slash_commands_in_a_script(tmp_path):
+    model = stories_or_skip()
+    env, tag = tagged_env(tmp_path)
+    saved = tmp_path / "saved.md"
+    script = _script(tmp_path, ["/help", "/stats", f"/save {saved}", "/hepl", "/reset", "/quit",
+                                "never read"])
+    r = run_chat(["-m", model, "-p", "Once upon a time", "-i", "-n", "16", "--temp", "0", "--np", "2",
+                  "--script", script], env)
+    assert r.returncode == 0, r.stderr
+    assert "/reset" in r.stdout and "never read" not in r.stdout
+    # /reset clears every rank's cache: the prompt and the greedy reply come out again, identical
+    first, second = r.stdout.split("/reset\n")
+    gen = first.split("/help")[0]
+    assert gen.startswith(" Once upon a time") and len(gen) > len(" Once upon a time") + 10
+    assert second.startswith(gen)
+    assert "commands:" in r.stderr and "unknown command /hepl" in r.stderr
+    assert "per-rank stats" in r.stdout and "KV fill" in r.stdout
+    assert saved.read_text().startswith("# llama-mpi transcript") and " Once upon a time" in saved.read_text()
+    assert "context cleared on every rank" in r.stderr
+    assert_no_rank_left(tag)
+
+
+def test_verbose_prompt_and_multibyte_prompt_echo(tmp_path):
+    model = stories_or_skip()
+    env, _ = tagged_env(tmp_path)
+    r = run_chat(["-m", model, "-p", "caf\u00e9 \U0001F600", "-n", "1", "--temp", "0", "--verbose-prompt"], env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(" caf\u00e9 \U0001F600")     # byte tokens joined: never half a character
+    assert "number of tokens in prompt =" in r.stderr
+    assert "     1 -> '<s>'" in r.stderr
+
+
+def test_n_predict_minus_two_stops_at_a_full_context(tmp_path):
+    model = stories_or_skip()
+    env, _ = tagged_env(tmp_path)
+    r = run_chat(["-m", model, "-p", "Once upon a time", "-c", "32", "-n", "-2", "--ignore-eos", "--temp", "0"], env)
+    assert r.returncode == 0, r.stderr
+    assert "context full and n_predict == -2 => stopping" in r.stdout
+    assert "eval time =" in r.stderr and " 27 runs" in r.stderr     # 5 prompt + 27 = 32 positions
+
+
+def test_prompt_longer_than_the_context_is_an_error_on_every_launch(tmp_path):
+    model = stories_or_skip()
+    env, tag = tagged_env(tmp_path)
+    r = run_chat(["-m", model, "-p", "Once upon a time " * 8, "-c", "16", "--np", "2"], env)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].startswith("error: prompt is too long (")
+    assert "max 12 for -c 16" in r.stderr
+    assert_no_rank_left(tag)
+
+
+def test_sigint_without_interactive_mode_exits_130_with_timings(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    from test_cli_support import chat_cmd
+    model = stories_or_skip()
+    env, tag = tagged_env(tmp_path)
+    p = subprocess.Popen(chat_cmd("-m", model, "-p", "Once", "-n", "-1", "--ignore-eos", "-c", "4096"),
+                         env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = p.stdout.read(40)                          # generating
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert first.startswith(" Once") and p.returncode == 130
+    assert "total time" in err
+    assert_no_rank_left(tag)
+
+
+def test_demo_model_when_no_model_is_given(tmp_path):
+    stories_or_skip()
+    env, tag = tagged_env(tmp_path)
+    r = run_chat(["--np", "2", "-p", "Once upon a time", "-n", "8", "--temp", "0"], env)
+    assert r.returncode == 0, r.stderr
+    assert "demo model: stories260K.gguf" in r.stderr and "plan: spawn, 2 ranks" in r.stderr
+    assert r.stdout.startswith(" Once upon a time")
+    assert_no_rank_left(tag)
+
+
+def test_synthetic_demo_model_says_its_weights_are_random(tmp_path, monkeypatch):
+    import chat.cli as cli
+    from chat.options import parse_options
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(cli, "DEMO_MODEL", tmp_path / "absent.gguf")
+    opts, banner = cli.resolve_demo(parse_options([]))
+    assert "weights are RANDOM" in banner
+    assert opts.model == str(tmp_path / "llama-mpi" / "synthetic-tiny-f32.gguf")
+    assert opts.interactive_first and opts.n_predict == cli.DEMO_N_PREDICT
+    from core.loader import open_model
+    assert open_model(opts.model).config.arch == "llama"
