@@ -211,3 +211,14 @@ def test_synthetic_demo_model_says_its_weights_are_random(tmp_path, monkeypatch)
     assert opts.interactive_first and opts.n_predict == cli.DEMO_N_PREDICT
     from core.loader import open_model
     assert open_model(opts.model).config.arch == "llama"
+
+
+def test_same_seed_same_text_whatever_the_rank_count(tmp_path):
+    model = stories_or_skip()
+    env, tag = tagged_env(tmp_path)
+    args = ["-m", model, "-p", "Once upon a time", "-n", "40", "-s", "1234", "--temp", "0.9"]
+    one, two = run_chat(args, env), run_chat(args + ["--np", "2"], env)
+    other = run_chat(["-m", model, "-p", "Once upon a time", "-n", "40", "-s", "99", "--temp", "0.9"], env)
+    assert one.returncode == two.returncode == 0, two.stderr
+    assert one.stdout == two.stdout and one.stdout != other.stdout
+    assert_no_rank_left(tag)

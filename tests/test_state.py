@@ -91,15 +91,14 @@ def test_reverse_prompt_has_two_bytes_of_slack_when_not_interactive():
 
 
 def test_reverse_prompt_searched_in_last_32_tokens_only():
-    # 32 one-byte tokens after "User:" pushed it out of the window; the 31-token case still matches
-    state = make(opts("-n", "40", "-r", "User:"), "ab")
-    assert state.history == []
-    state.history = ids("User:") + ids("y" * 27)
-    assert state.found_reverse_prompt() is False                   # needs to be at the end (+2 slack)
-    state.history = ids("ab") + ids("User:") + ids("yy")
-    assert state.found_reverse_prompt() is True
-    state.history = ids("User:")[:4] + ids("y" * 32) + ids("User:")[4:]
-    assert state.history_text().endswith(b":") and len(state.history_text()) == 32
+    state = make(opts("-i", "-r", "a" * 32, "-r", "b" * 33), "x")
+    state.history = ids("x" + "a" * 32)
+    assert state.found_reverse_prompt() is True                    # 32 one-byte tokens: inside the window
+    state.history = ids("b" * 33)
+    assert state.history_text() == b"b" * 32                       # the 33rd token is outside it
+    assert state.found_reverse_prompt() is False
+    state.history = ids("User:")
+    assert make(opts("-i", "-r", "User:"), "x").found_reverse_prompt() is False   # history is per state
 
 
 def test_instruct_wraps_each_turn_in_alpaca_strings_with_bos():
