@@ -1,13 +1,14 @@
 """Test driver for the MPI pipeline (not a test module): greedy generation from token ids, run by the
 tests under mpiexec, in spawn mode or in one process. Saves tokens and logits on the head.
 
-usage: python tests/mpi_driver.py OUT.npz PROMPT_IDS N_GEN [--all-logits] [--keep K] -- <llama-mpi options>
+usage: python tests/mpi_driver.py OUT.npz PROMPT_IDS N_GEN [--all-logits] [--keep K] [--idle S] -- <options>
 PROMPT_IDS is "1,2,3". When the context is full it shifts like llama.cpp main: keep K tokens after
 position 0, discard half of the rest.
 """
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,7 @@ def main() -> int:
     out, prompt, n_gen = mine[0], [int(x) for x in mine[1].split(",")], int(mine[2])
     all_logits = "--all-logits" in mine
     n_keep = int(mine[mine.index("--keep") + 1]) if "--keep" in mine else 0
+    idle = float(mine[mine.index("--idle") + 1]) if "--idle" in mine else 0.0
     try:
         opts = parse_options(rest)
         pipe = start_cluster(opts)
@@ -53,6 +55,9 @@ def main() -> int:
     if pipe is None:
         return 0
     try:
+        if idle:                                   # the head waits (as for user input): no MPI calls
+            print("idle", flush=True)
+            time.sleep(idle)
         tokens, logits, shifts = generate(pipe, prompt, n_gen, all_logits, n_keep)
         stats = pipe.stats()
         np.savez(out, tokens=np.array(tokens), logits=logits, shifts=np.array(shifts),

@@ -1,0 +1,141 @@
+"""Pipeline benchmark: pipelined vs unpipelined prefill, an idle worker's CPU, and per-rank RSS.
+
+    python -m core.pipeline_bench [--model FILE] [--ranks 2] [--tokens 256] [--threads 1] [--idle 5]
+
+Without --model it writes a TinyLlama-shaped synthetic Q4_0 file (core.synth) to a temporary folder.
+It re-runs itself under the mpich wheel's mpiexec (`--job`); the head prints one table. Timings on a
+shared 2-core machine are approximate: each prefill is timed `--repeat` times and the best is kept.
+Owns nothing the engine uses; it drives core.pipeline directly (no chat/ options or launch code).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc (same host)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _job(args: argparse.Namespace) -> int:
+    """One rank of the benchmark job (run under mpiexec)."""
+    from . import transport
+    from .loader import open_model
+    from .model import Stage
+    from .partition import split_layers
+    from .pipeline import MpiPipeline, serve_worker
+
+    t = transport.world()
+    t.exchange_peers()
+    model = open_model(args.model)
+    layers = split_layers(model.config.n_layer, t.size, None)
+    n_ctx = args.tokens + 8
+    stage = Stage(model, layers[t.rank], embed=t.rank == 0, head=t.rank == 0, n_ctx=n_ctx, threads=args.threads)
+    t.gather_obj(None)                                            # everyone loaded
+    if t.rank != 0:
+        t.bcast_obj()
+        serve_worker(t, stage)
+        t.close()
+        return 0
+    t.bcast_obj("go")
+    pipe = MpiPipeline(t, stage, layers, ubatch=0)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(3, model.config.n_vocab, size=args.tokens).tolist()
+    pipe.eval(prompt[:8])                                         # warm-up: pages in, pools up
+    pipe.kv_clear()
+    result: dict = {"model": str(args.model), "ranks": t.size, "tokens": args.tokens, "threads": args.threads,
+                    "layers": [[r.start, r.stop] for r in layers]}
+    logits = {}
+    for name, ub in (("unpipelined", 0), ("pipelined", args.ubatch)):
+        pipe.ubatch = ub
+        best = float("inf")
+        for _ in range(args.repeat):
+            pipe.kv_clear()
+            t0 = time.perf_counter()
+            logits[name] = pipe.eval(prompt)                      # (n_vocab,)
+            best = min(best, time.perf_counter() - t0)
+        result[f"{name}_s"] = best
+    from .pipeline import choose_ubatch
+    result["ubatch"] = choose_ubatch(args.tokens, t.size, args.ubatch)
+    result["speedup"] = result["unpipelined_s"] / result["pipelined_s"]
+    result["max_abs_logit_diff"] = float(np.abs(logits["pipelined"] - logits["unpipelined"]).max())
+    result["same_argmax"] = bool(np.argmax(logits["pipelined"]) == np.argmax(logits["unpipelined"]))
+    stats = pipe.stats()
+    result["rss_mib"] = [s.rss_bytes / 2**20 for s in stats]
+    result["weight_mib"] = [s.weight_bytes / 2**20 for s in stats]
+    result["kv_mib"] = [s.kv_bytes / 2**20 for s in stats]
+    # an idle worker: the head makes no MPI call for `idle` seconds, as when it waits for user input
+    workers = [p for p in t.peers[1:] if p.host == t.host]
+    before = {p.rank: _cpu_seconds(p.pid) for p in workers}
+    time.sleep(args.idle)
+    result["idle_cpu_percent"] = {p.rank: 100.0 * (_cpu_seconds(p.pid) - before[p.rank]) / args.idle
+                                  for p in workers}
+    pipe.close()
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def _report(r: dict) -> str:
+    lines = [f"model {r['model']}: {r['ranks']} ranks x {r['threads']} thread(s), layers {r['layers']}",
+             f"prefill of {r['tokens']} tokens: unpipelined {r['unpipelined_s']:.3f} s, pipelined "
+             f"(micro-batches of {r['ubatch']}) {r['pipelined_s']:.3f} s -> speed-up {r['speedup']:.2f}x "
+             f"(max |logit diff| {r['max_abs_logit_diff']:.2e}, same argmax: {r['same_argmax']})"]
+    for rank, (rss, w, kv) in enumerate(zip(r["rss_mib"], r["weight_mib"], r["kv_mib"])):
+        share = w + kv
+        lines.append(f"rank {rank}: RSS {rss:7.1f} MiB; share (weights {w:.1f} + KV {kv:.1f}) {share:7.1f} MiB; "
+                     f"budget share*1.2+150 = {share * 1.2 + 150:7.1f} MiB")
+    for rank, pct in r["idle_cpu_percent"].items():
+        lines.append(f"rank {rank} idle CPU over {r['idle_s']:.0f} s: {pct:.2f}% of a core")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m core.pipeline_bench", description=__doc__.split("\n")[0])
+    p.add_argument("--model", type=Path, help="GGUF file (default: synthetic TinyLlama-shaped Q4_0)")
+    p.add_argument("--n-layer", type=int, default=None, help="layers of the synthetic file (default 22)")
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--ubatch", type=int, default=None, help="micro-batch size (default: automatic)")
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--idle", type=float, default=5.0, help="seconds of idle worker CPU measurement")
+    p.add_argument("--json", action="store_true", help="print the raw result as JSON")
+    p.add_argument("--job", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.job:
+        return _job(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.model is None:
+            from .synth import write_synthetic
+            args.model = write_synthetic(Path(tmp) / "tinyllama-q4_0.gguf", preset="tinyllama", qtype="q4_0",
+                                         n_layer=args.n_layer)
+        mpiexec = Path(sys.executable).parent / "mpiexec"
+        cmd = [str(mpiexec), "-n", str(args.ranks), sys.executable, "-m", "core.pipeline_bench", "--job",
+               "--model", str(args.model), "--tokens", str(args.tokens), "--threads", str(args.threads),
+               "--repeat", str(args.repeat), "--idle", str(args.idle)]
+        if args.ubatch is not None:
+            cmd += ["--ubatch", str(args.ubatch)]
+        root = str(Path(__file__).resolve().parents[1])
+        env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            print(proc.stdout + proc.stderr, file=sys.stderr)
+            return proc.returncode
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        result["idle_s"] = args.idle
+        print(json.dumps(result) if args.json else _report(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
