@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-from .layout import BlockFormat, crumbs, f16_field, or_bit, split_nibbles
-from .legacy import lut_codes
+from .layout import U64, BlockFormat, as_u64, f16_field, or_bit, split_nibbles, split_nibbles16
+from .legacy import PairedMixin, iq4_codes, pair_rows
 
 
 def _scale_min_k4(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -26,6 +26,26 @@ def _scale_min_k4(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     sc = np.concatenate([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], axis=1)
     mn = np.concatenate([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=1)
     return sc, mn
+
+
+def crumbs_in_place(src: np.ndarray, out: np.ndarray, top: int = 3) -> None:
+    """out[j] = src & (3 << 2j) (= 4^j * field j) for j < top; out[j] = (src >> 2) & 0x30 (16 * field 3)
+    for j >= top. One op per field (two for the last when top == 3)."""
+    s = as_u64(src)
+    for j in range(4):
+        o = as_u64(out[j])
+        if j < top:
+            np.bitwise_and(s, U64(0x0303030303030303 << (2 * j)), out=o)
+        else:
+            np.right_shift(s, U64(2), out=o)
+            np.bitwise_and(o, U64(0x3030303030303030), out=o)
+
+
+def crumb_factor(U: int, scales: tuple[float, ...]) -> np.ndarray:
+    """x factors of crumb_order tiles whose field j carries the power of two scales[j]."""
+    f = np.empty((4, U * 64), dtype=np.float32)
+    f[:] = 1 / np.array(scales, dtype=np.float32)[:, None]
+    return f.reshape(-1)
 
 
 def crumb_order(U: int) -> np.ndarray:
@@ -61,9 +81,12 @@ class Q2_K(BlockFormat):
         n, R = S.shape[0], S.shape[-1]
         return S.reshape(n, U, 2, 4, 2, R).transpose(0, 3, 1, 2, 4, 5)
 
+    def xfactor(self, U):
+        return crumb_factor(U, (1, 4, 16, 64))
+
     def codes(self, p, u0, u1, r0, r1, out, tmp):
         U, R = u1 - u0, r1 - r0
-        crumbs(p["qs"][u0:u1, :, r0:r1].reshape(U, 2, 32, R), tmp.reshape(4, U, 2, 32, R))
+        crumbs_in_place(p["qs"][u0:u1, :, r0:r1].reshape(U, 2, 32, R), tmp.reshape(4, U, 2, 32, R), top=4)
         np.copyto(out, tmp, casting="unsafe")
 
     def scales(self, p, u0, u1, r0, r1):
@@ -101,15 +124,18 @@ class Q3_K(BlockFormat):
         n, R = S.shape[0], S.shape[-1]
         return S.reshape(n, U, 2, 4, 2, R).transpose(0, 3, 1, 2, 4, 5)
 
+    def xfactor(self, U):
+        return crumb_factor(U, (1, 4, 16, 16))
+
     def codes(self, p, u0, u1, r0, r1, out, tmp):
         U, R = u1 - u0, r1 - r0
         t = tmp.reshape(4, U, 2, 32, R)                         # (j, U, n, l, R): weight 128n+32j+l
-        crumbs(p["qs"][u0:u1, :, r0:r1].reshape(U, 2, 32, R), t)
+        crumbs_in_place(p["qs"][u0:u1, :, r0:r1].reshape(U, 2, 32, R), t)   # field j times 1, 4, 16, 16
         hm = p["hm"][u0:u1, :, r0:r1]                           # (U, 32, R)
         scratch = np.empty((U, 32, R), dtype=np.uint8)
         for n in range(2):
-            for j in range(4):
-                or_bit(hm, 4 * n + j, t[j, :, n], 2, scratch)
+            for j in range(4):                                  # high bit = 4 * (field's scale)
+                or_bit(hm, 4 * n + j, t[j, :, n], (2, 4, 6, 6)[j], scratch)
         np.copyto(out, tmp, casting="unsafe")
 
     def scales(self, p, u0, u1, r0, r1):
@@ -141,15 +167,16 @@ class Q4_K(BlockFormat):
         n, R = S.shape[0], S.shape[-1]
         return S.reshape(n, U, 4, 2, R).transpose(0, 3, 1, 2, 4)
 
+    def xfactor(self, U):
+        f = np.ones((2, U * 128), dtype=np.float32)
+        f[1] = 1 / 16                                           # high nibbles stay in place (16 * code)
+        return f.reshape(-1)
+
     def codes(self, p, u0, u1, r0, r1, out, tmp):
         U, R = u1 - u0, r1 - r0
         t = tmp.reshape(2, U, 4, 32, R)                         # (h, U, g, l, R): weight 64g+32h+l
-        split_nibbles(p["qs"][u0:u1, :, r0:r1].reshape(U, 4, 32, R), t[0], t[1])
-        self._high_bits(p, u0, u1, r0, r1, tmp)
+        split_nibbles16(p["qs"][u0:u1, :, r0:r1].reshape(U, 4, 32, R), t[0], t[1])
         np.copyto(out, tmp, casting="unsafe")
-
-    def _high_bits(self, p, u0, u1, r0, r1, tmp):
-        pass
 
     def scales(self, p, u0, u1, r0, r1):
         return _d_times(p, "d", p["sc"][u0:u1, :, r0:r1], u0, u1, r0, r1)
@@ -170,14 +197,19 @@ class Q5_K(Q4_K):
         p["qh"] = np.ascontiguousarray(kb[:, 16:48])
         return p
 
-    def _high_bits(self, p, u0, u1, r0, r1, tmp):
+    def xfactor(self, U):
+        return None
+
+    def codes(self, p, u0, u1, r0, r1, out, tmp):
         U, R = u1 - u0, r1 - r0
         t = tmp.reshape(2, U, 4, 32, R)
+        split_nibbles(p["qs"][u0:u1, :, r0:r1].reshape(U, 4, 32, R), t[0], t[1])
         qh = p["qh"][u0:u1, :, r0:r1]                           # bit s of qh[l]: weight 32s+l, s = 2g+h
         scratch = np.empty((U, 32, R), dtype=np.uint8)
         for g in range(4):
             for h in range(2):
                 or_bit(qh, 2 * g + h, t[h, :, g], 4, scratch)
+        np.copyto(out, tmp, casting="unsafe")
 
 
 class Q6_K(BlockFormat):
@@ -205,38 +237,28 @@ class Q6_K(BlockFormat):
         return _d_times(p, "d", p["sc"][u0:u1, :, r0:r1], u0, u1, r0, r1)
 
 
-class IQ4_XS(BlockFormat):
+class IQ4_XS(PairedMixin, BlockFormat):
     """136 bytes / 256: d f16 | scales_h u16 | scales_l[4] | qs[128]. Sub-block s (32 weights) has
     ls = (((scales_l[s/2] >> 4*(s%2)) & 0xF) | (((scales_h >> 2s) & 3) << 4)) - 32; weight 32s+j =
     d*ls * IQ4_VALUES[qs[16s+j] & 0xF], weight 32s+16+j uses qs[16s+j] >> 4.
-    Repacked: qs (nb,128,N8) + ls int8 (nb,8,N8) + d f32 = 140 bytes (1.03x)."""
+    Repacked: nibbles in weight order, two rows per byte (nb,256,N8/2) + ls int8 (nb,8,N8) + d f32
+    = 140 bytes (1.03x)."""
 
-    qtype, block, size, sub, run = QT.IQ4_XS, 256, 136, 32, 16
-
-    def order(self, U):
-        h, u, s, j = np.meshgrid(np.arange(2), np.arange(U), np.arange(8), np.arange(16), indexing="ij")
-        return (u * 256 + s * 32 + h * 16 + j).reshape(-1)
-
-    def run_shape(self, U):
-        return (2, U, 8)                                        # (h, U, s): sub-block s
-
-    def run_scales(self, S, U):
-        n, R = S.shape[0], S.shape[-1]
-        return S.reshape(n, 1, U, 8, R)
+    qtype, block, size, sub = QT.IQ4_XS, 256, 136, 32
 
     def repack(self, kb):
+        nb, _, n = kb.shape
         sh = kb[:, 2].astype(np.uint16) | (kb[:, 3].astype(np.uint16) << 8)     # (nb, N)
         s = np.arange(8)
         low = (kb[:, 4 + s // 2] >> (4 * (s % 2)).astype(np.uint8)[None, :, None]) & 0x0F
         high = ((sh[:, None, :] >> (2 * s).astype(np.uint16)[None, :, None]) & 0x03).astype(np.uint8)
         ls = ((low | (high << 4)).astype(np.int16) - 32).astype(np.int8)
-        return {"d": f16_field(kb, 0), "sc": ls, "qs": np.ascontiguousarray(kb[:, 8:136])}
+        qs = kb[:, 8:136].reshape(nb, 8, 16, n)
+        nib = np.stack([qs & 0x0F, qs >> 4], axis=2).reshape(nb, 256, n)          # weight order
+        return {"d": f16_field(kb, 0), "sc": ls, "qp": pair_rows(nib)}
 
     def codes(self, p, u0, u1, r0, r1, out, tmp):
-        U, R = u1 - u0, r1 - r0
-        t = tmp.reshape(2, U, 8, 16, R)                         # (h, U, s, j, R): weight 32s+16h+j
-        split_nibbles(p["qs"][u0:u1, :, r0:r1].reshape(U, 8, 16, R), t[0], t[1])
-        lut_codes(tmp, out)
+        iq4_codes(p["qp"], u0, u1, r0, r1, out)
 
     def scales(self, p, u0, u1, r0, r1):
         return _d_times(p, "d", p["sc"][u0:u1, :, r0:r1], u0, u1, r0, r1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-from .layout import BlockFormat, f16_field, or_bit, split_nibbles
+from .layout import BlockFormat, f16_field, or_bit, split_nibbles, split_nibbles16
 
 # IQ4_NL's non-linear code book (ggml's kvalues_iq4nl), also used by IQ4_XS
 IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
@@ -38,9 +38,38 @@ class HalvesMixin:
         return S[:, None]
 
 
-def lut_codes(tmp: np.ndarray, out: np.ndarray) -> None:
-    """out = IQ4_VALUES[tmp] for 4-bit indices tmp (uint8) -> float32."""
-    np.take(IQ4_VALUES, tmp, out=out)
+def half_factor(U: int) -> np.ndarray:
+    """x factors for half_order tiles whose high halves hold 16 * nibble."""
+    f = np.ones((2, U * 16), dtype=np.float32)
+    f[1] = 1 / 16
+    return f.reshape(-1)
+
+
+# IQ4 codes are repacked so that one byte holds the nibbles of two adjacent ROWS (low: even row); a
+# 256-entry table of float32 pairs then expands a byte into both rows' values with one gather
+IQ4_PAIRS = np.stack([IQ4_VALUES[np.arange(256) & 15], IQ4_VALUES[np.arange(256) >> 4]], axis=1)
+IQ4_PAIRS = np.ascontiguousarray(IQ4_PAIRS).view(np.float64).reshape(256)
+
+
+def pair_rows(nib: np.ndarray) -> np.ndarray:
+    """Nibble values (nb, n, N8) uint8 -> bytes (nb, n, N8/2): rows 2i (low) and 2i+1 (high)."""
+    return np.ascontiguousarray(nib[..., 0::2] | (nib[..., 1::2] << 4))
+
+
+class PairedMixin:
+    """Formats whose "qp" array holds two rows per byte (see pair_rows)."""
+
+    def take_rows(self, p, idx):
+        rows = {k: np.take(v, idx, axis=-1) for k, v in p.items() if k != "qp"}
+        nib = (np.take(p["qp"], idx // 2, axis=-1) >> (4 * (idx % 2)).astype(np.uint8)) & 0x0F
+        rows["qp"] = pair_rows(nib)
+        return rows
+
+
+def iq4_codes(qp: np.ndarray, u0: int, u1: int, r0: int, r1: int, out: np.ndarray) -> None:
+    """out (U*block, R) float32 = IQ4_VALUES of the row-paired bytes qp[u0:u1, :, r0/2:r1/2]."""
+    src = qp[u0:u1, :, r0 // 2:r1 // 2]
+    np.take(IQ4_PAIRS, src, out=out.view(np.float64).reshape(src.shape), mode="clip")
 
 
 class Q4_0(HalvesMixin, BlockFormat):
@@ -52,27 +81,37 @@ class Q4_0(HalvesMixin, BlockFormat):
     def repack(self, kb):
         return {"d": f16_field(kb, 0), "qs": np.ascontiguousarray(kb[:, 2:18])}
 
+    def xfactor(self, U):
+        return half_factor(U)
+
     def codes(self, p, u0, u1, r0, r1, out, tmp):
         self._nibbles(p, u0, u1, r0, r1, tmp)
         np.copyto(out, tmp, casting="unsafe")
 
     def _nibbles(self, p, u0, u1, r0, r1, tmp):
         t = tmp.reshape(2, u1 - u0, 16, r1 - r0)                  # (half, U, j, R): weight 16*half + j
-        split_nibbles(p["qs"][u0:u1, :, r0:r1], t[0], t[1])
+        split_nibbles16(p["qs"][u0:u1, :, r0:r1], t[0], t[1])    # high half holds 16 * nibble
 
     def scales(self, p, u0, u1, r0, r1):
         return p["d"][u0:u1, r0:r1]
 
 
-class IQ4_NL(Q4_0):
+class IQ4_NL(PairedMixin, BlockFormat):
     """18 bytes / 32 weights: d f16 | qs[16], nibbles as Q4_0 but each indexes IQ4_VALUES:
-    weight = d * IQ4_VALUES[nibble]. Repacked like Q4_0 (1.11x)."""
+    weight = d * IQ4_VALUES[nibble]. Repacked: the 32 nibbles of each row in weight order, two rows per
+    byte (see pair_rows) (nb, 32, N8/2) + d f32 = 20 bytes/block (1.11x)."""
 
-    qtype, offset = QT.IQ4_NL, 0.0
+    qtype, block, size, sub = QT.IQ4_NL, 32, 18, 32
+
+    def repack(self, kb):
+        qs = kb[:, 2:18]
+        return {"d": f16_field(kb, 0), "qp": pair_rows(np.concatenate([qs & 0x0F, qs >> 4], axis=1))}
 
     def codes(self, p, u0, u1, r0, r1, out, tmp):
-        self._nibbles(p, u0, u1, r0, r1, tmp)
-        lut_codes(tmp, out)
+        iq4_codes(p["qp"], u0, u1, r0, r1, out)
+
+    def scales(self, p, u0, u1, r0, r1):
+        return p["d"][u0:u1, r0:r1]
 
 
 class Q4_1(Q4_0):

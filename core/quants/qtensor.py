@@ -81,6 +81,9 @@ def reconstruct(fmt: BlockFormat, p: dict, n_in: int, n_rows: int) -> np.ndarray
     run_sub = order[::run] // fmt.sub                       # sub-block of each run of positions
     w = np.empty((n_in, r8), dtype=np.float32)
     fmt.codes(p, 0, nu, 0, r8, w, np.empty((n_in, r8), dtype=np.uint8))
+    xf = fmt.xfactor(nu)
+    if xf is not None:
+        w *= xf[:, None]                                   # powers of two: exact
     w3 = w.reshape(-1, run, r8)
     if fmt.offset:
         w3 += np.float32(fmt.offset)                       # integers: exact
@@ -125,6 +128,8 @@ class QTensor:
         self._run = fmt.run or fmt.sub
         self._identity = bool(np.array_equal(perm, np.arange(n_in)))
         self._perm = None if self._identity else perm
+        xf = [fmt.xfactor(u1 - u0) for u0, u1 in self._cols]
+        self._xfac = None if xf[0] is None else np.concatenate(xf)     # (n_in,) in tile order
 
     @property
     def nbytes(self) -> int:
@@ -163,11 +168,13 @@ class QTensor:
         T the runs xv (n_runs, T, run) with their sums xr (n_runs, T)."""
         T, n_in = x.shape
         xs = x.reshape(T, n_in // self._fmt.sub, self._fmt.sub).sum(axis=2, dtype=np.float32)
-        xt = x if self._identity else np.ascontiguousarray(x[:, self._perm])
+        xp = x if self._identity else np.ascontiguousarray(x[:, self._perm])
+        xt = xp if self._xfac is None else xp * self._xfac
         xv = xr = None
         if T <= SMALL_T:
             xv = np.ascontiguousarray(xt.reshape(T, -1, self._run).transpose(1, 0, 2))
-            xr = xv.sum(axis=2, dtype=np.float32) if self._fmt.offset else None
+            if self._fmt.offset:
+                xr = xp.reshape(T, -1, self._run).sum(axis=2, dtype=np.float32).T   # (n_runs, T)
         return xt, xs, xv, xr
 
     def _quant_rows(self, ctx: tuple, out: np.ndarray, i: int, a: int) -> None:
@@ -243,7 +250,7 @@ class QTensor:
             sel = np.nonzero(ids // ROW_TILE == i)[0]
             local = ids[sel] - i * ROW_TILE
             idx = np.concatenate([local, np.zeros(-(-sel.size // 8) * 8 - sel.size, dtype=np.int64)])
-            p = {k: np.take(v, idx, axis=-1) for k, v in self._tiles[i].items()}
+            p = self._fmt.take_rows(self._tiles[i], idx)
             out[sel] = reconstruct(self._fmt, p, self.shape[1], sel.size)
         return out
 
