@@ -192,3 +192,16 @@ def test_readme_first_command_demo_chat_on_two_ranks(tmp_path):
     child.sendcontrol("d")
     assert finish(child) == 0
     assert_no_rank_left(tag)
+
+
+def test_mpiexec_ctrl_c_at_the_prompt_exits_130_on_every_rank(tmp_path):
+    model = stories_or_skip()
+    env, tag = tagged_env(tmp_path)
+    child = spawn(["-m", model, "--interactive-first", "-p", "Once"], env, mpiexec_n=2)
+    child.expect_exact("Ctrl-D quits")
+    child.expect_exact(" Once")                            # the prompt was evaluated; the head reads
+    time.sleep(0.5)
+    child.sendintr()
+    child.expect_exact("total time")
+    assert finish(child) == 130
+    assert_no_rank_left(tag)
