@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gguf import GGUFReader, GGUFValueType
 from gguf.quants import dequantize as gguf_dequantize
 
 from core.loader import open_model
@@ -59,6 +60,22 @@ def test_metadata_and_tensor_views(fixtures):
     assert isinstance(t.data, np.memmap) or isinstance(t.data.base, np.memmap)   # zero-copy view
     assert gguf_dequantize(t.data, t.tensor_type).shape == (256, 256)
     assert m.has("output.weight") and not m.has("blk.3.attn_q.weight")
+
+
+@pytest.mark.parametrize("name", ["llama-2-tiny-random.gguf", "stories260K.gguf", "fx256-iq4_xs.gguf"])
+def test_reader_metadata_equals_gguf_readers(fixtures, name):
+    """Our reader parses metadata arrays lazily; every field must read exactly as gguf's own reader."""
+    ours = open_model(fixtures / "models" / name).reader
+    ref = GGUFReader(fixtures / "models" / name)
+    assert list(ours.fields) == list(ref.fields)
+    for key, field in ref.fields.items():
+        mine = ours.fields[key]
+        assert mine.contents() == field.contents(), key
+        assert int(mine.types[0]) == int(field.types[0]), key
+        if field.types[0] == GGUFValueType.ARRAY and field.types[-1] == GGUFValueType.STRING:
+            assert len(mine.data) == len(field.data) and len(mine.parts) == len(field.parts), key
+            assert [mine.parts[i].tobytes() for i in mine.data] == [field.parts[i].tobytes() for i in field.data]
+    assert [(t.name, t.data_offset) for t in ours.tensors] == [(t.name, t.data_offset) for t in ref.tensors]
 
 
 def test_fingerprint_is_stable_and_tells_files_apart(fixtures, tmp_path):
