@@ -187,3 +187,4 @@ class Q8_0(BlockFormat):
 
     def scales(self, p, u0, u1, r0, r1):
         return p["d"][u0:u1, r0:r1]
+

@@ -30,7 +30,7 @@ from .layout import FORMATS, BlockFormat, kmajor
 SUPPORTED_TYPES = frozenset(FORMATS) | FLOAT_TYPES
 
 ROW_TILE = 1024          # rows per tile (a multiple of 8)
-TILE_ELEMS = 1 << 17     # float32 elements of one expanded tile (512 KiB)
+TILE_ELEMS = 1 << 19     # float32 elements of one expanded tile (2 MiB; fewer numpy calls beat L2 fit)
 SMALL_T = 4              # batches up to this size use per-sub-block partial dot products
 
 _local = threading.local()
