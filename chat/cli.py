@@ -15,7 +15,7 @@ from pathlib import Path
 
 from core.errors import LlamaMpiError, UsageError
 
-from .options import ChatOptions, env_no_color, fill_prompt_vars, parse_options
+from .options import ChatOptions, command_line_is_valid, env_no_color, fill_prompt_vars, parse_options
 from .render import Renderer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,6 +93,13 @@ class Prepared:
             raise UsageError(f"--transcript: folder '{Path(opts.transcript).parent}' does not exist")
 
 
+def _rank_text() -> str:
+    for key in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        if key in os.environ:
+            return os.environ[key]
+    return "0"
+
+
 def _worker_rank() -> bool:
     for key in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
         if os.environ.get(key, "0") != "0":
@@ -107,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts = parse_options(argv)
     except UsageError as exc:
-        ui.error(str(exc))
+        # under mpiexec every rank parses the same command line: rank 0 alone reports it, unless a
+        # worker's own (node-local) options file is what failed
+        if not _worker_rank() or command_line_is_valid(argv):
+            ui.error(str(exc) if not _worker_rank() else f"rank {_rank_text()}: {exc}")
         return EXIT_USAGE
     ui = Renderer(opts.color and not env_no_color())
     prepared, problem = None, None
@@ -122,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                     raise            # nothing started yet: fail at once
         t0 = time.perf_counter()
         pipeline = start_pipeline(opts, ui)
+    except KeyboardInterrupt:
+        return 130
     except UsageError as exc:
         ui.error(str(exc))
         return EXIT_USAGE
@@ -134,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         if problem is not None:
             raise problem
         return run_head(opts, pipeline, prepared, ui, banner, load_ms=1000.0 * (time.perf_counter() - t0))
+    except KeyboardInterrupt:                     # Ctrl-C before the chat took over the signal
+        return 130
     except UsageError as exc:
         ui.error(str(exc))
         return EXIT_USAGE

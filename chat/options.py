@@ -319,6 +319,16 @@ def parse_options(argv: list[str]) -> ChatOptions:
     return _to_options(ns, tuple(file_argv))
 
 
+def command_line_is_valid(argv: list[str]) -> bool:
+    """Does argv parse, leaving aside the options file's contents? (a worker rank's error triage)"""
+    try:
+        path = _parse(_normalise(list(argv))).options_file
+        parse_options([a for a in argv if path is None or a != path])
+        return True
+    except UsageError:
+        return False
+
+
 def _to_options(ns: argparse.Namespace, file_argv: tuple[str, ...]) -> ChatOptions:
     if ns.prompt is not None and ns.prompt_file is not None:
         raise UsageError("-p/--prompt and -f/--file both given: use one")

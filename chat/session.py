@@ -104,7 +104,6 @@ class ChatSession:
         self.state = self._new_state()           # raises ContextOverflowError before anything runs
         self.pieces = PieceStream(lambda t: tokenizer.token_to_piece(t, special=False))
         self.logits: np.ndarray | None = None
-        self.generating = False
         self.reading = False
         self.interrupts = 0
         self.rank_ms: list[float] = []
@@ -200,11 +199,9 @@ class ChatSession:
             self.transcript.add(text)
 
     def _eval(self, tokens: tuple[int, ...], sampled: bool) -> None:
-        self.generating = True
         t0 = time.perf_counter()
-        self.logits = self.pipeline.eval(list(tokens))
+        self.logits = self.pipeline.eval(list(tokens))                  # (n_vocab,) for the last token
         ms = 1000.0 * (time.perf_counter() - t0)
-        self.generating = False
         if sampled:
             self.timings.eval_ms += ms      # a sampled token fed back
             self.timings.n_eval += 1

@@ -129,3 +129,12 @@ def test_interactive_modes():
     for flag in (["-i"], ["--interactive-first"], ["-ins"], ["--instruct"], ["--script", "x"]):
         assert parse_options(flag).is_interactive, flag
     assert isinstance(parse_options([]), ChatOptions)
+
+
+def test_command_line_validity_leaves_the_options_file_aside(tmp_path):
+    from chat.options import command_line_is_valid
+    bad = tmp_path / "node.txt"
+    bad.write_text("--top-k x\n")
+    assert command_line_is_valid([str(bad), "-n", "4"])        # the file is at fault, not the line
+    assert not command_line_is_valid([str(bad), "--nope"])
+    assert not command_line_is_valid(["-p", "a", "-f", "b"])
