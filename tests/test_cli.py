@@ -221,3 +221,17 @@ def test_same_seed_same_text_whatever_the_rank_count(tmp_path):
     assert one.returncode == two.returncode == 0, two.stderr
     assert one.stdout == two.stdout and one.stdout != other.stdout
     assert_no_rank_left(tag)
+
+
+def test_prompt_file_loses_one_trailing_newline_and_fills_vars(tmp_path):
+    from chat.cli import read_prompt
+    from chat.options import parse_options
+    f = tmp_path / "p.txt"
+    f.write_text("[[AI_NAME]] says hi\nUser:\n\n")
+    o = parse_options(["-f", str(f), "--prompt-var", "AI_NAME=Max"])
+    assert read_prompt(o) == "Max says hi\nUser:\n"
+    f.write_text("User:\n")
+    assert read_prompt(o) == "User:"
+    f.write_bytes(b"\xff")
+    with pytest.raises(Exception, match="not valid UTF-8"):
+        read_prompt(o)

@@ -184,8 +184,8 @@ def test_script_in_a_terminal_transcript_identical_on_1_and_3_ranks(tmp_path):
 def test_readme_first_command_demo_chat_on_two_ranks(tmp_path):
     stories_or_skip()
     env, tag = tagged_env(tmp_path)
-    child = spawn(["--np", "2"], env)                      # no model: the demo model, interactive-first
-    before = wait_for_prompt(child)
+    child = spawn(["--np", "2", "-i"], env)                # README: no model -> the demo model
+    before = wait_for_prompt(child, timeout=90)            # a story from BOS (bounded by the demo's -n)
     assert "demo model: stories260K.gguf" in before and "plan: spawn, 2 ranks" in before
     child.send("Once upon a time, a little fox\r")
     wait_for_prompt(child, timeout=90)                     # the demo bounds each reply, then asks again
