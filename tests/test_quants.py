@@ -112,9 +112,23 @@ def check_matmul(qt: QT, n_out: int, n_in: int, T: int, pool=None) -> None:
 @pytest.mark.parametrize("T", [1, 3, 17], ids=lambda t: f"T{t}")
 @pytest.mark.parametrize("qt", BLOCK_TYPES + FLOAT_TYPES, ids=lambda t: t.name)
 def test_matmul_matches_float64(qt, T):
-    # 600 rows: two row tiles and a partial one; 768 columns: several column tiles; odd row counts too
-    check_matmul(qt, 600, 768, T)
+    # 1100 rows: a full and a partial row tile; 768 columns: several column tiles; odd row counts too
+    check_matmul(qt, 1100, 768, T)
     check_matmul(qt, 13, 256, T)
+
+
+@pytest.mark.parametrize("qt", BLOCK_TYPES, ids=lambda t: t.name)
+def test_small_tiles_matmul_and_get_rows(qt, monkeypatch):
+    """Many row and column tiles (tiny tile sizes): products and lookups across tile borders."""
+    import core.quants.qtensor as qtensor_module
+    monkeypatch.setattr(qtensor_module, "ROW_TILE", 64)
+    monkeypatch.setattr(qtensor_module, "TILE_ELEMS", 64 * 64)
+    check_matmul(qt, 200, 512, 1)
+    check_matmul(qt, 200, 512, 6)
+    data = random_blocks(qt, 200, 512, seed=9)
+    ids = np.array([199, 63, 64, 0, 128, 127, 64])
+    ref = ref_dequantize(data, qt).astype(np.float32).reshape(200, 512)
+    assert same_bits(make_qtensor(qt, data, (200, 512)).get_rows(ids), ref[ids])
 
 
 @pytest.mark.parametrize("qt", [QT.Q4_0, QT.Q6_K, QT.F16], ids=lambda t: t.name)
