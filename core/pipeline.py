@@ -25,6 +25,7 @@ from .transport import Aborted, PeerFailed
 
 MIN_UBATCH = 16             # auto micro-batching never cuts a prompt into pieces smaller than this
 ABORT_GRACE_S = 2.0         # how long the head waits for its Abort frames to leave
+WORKER_ABORT_WAIT_S = 5.0   # a failed worker waits this long for the head's Abort, then aborts the job
 
 
 @dataclass(frozen=True)
@@ -263,6 +264,7 @@ class MpiPipeline:
         self._meter = _Meter()
         self._buf = np.empty((0, self.config.n_embd), dtype=np.float32)
         self._broken: str | None = None      # the error that stopped the cluster
+        self._exit_code = 1                  # the job's status when it has to be aborted
         self._closed = False
 
     @property
@@ -315,7 +317,7 @@ class MpiPipeline:
                 self._broken = "shutdown failed"
         if self._broken is not None:
             self._abort_workers(-1)
-            self.t.abort_job(1)
+            self.t.abort_job(self._exit_code)
         self.t.close()
         self.stage.close()
 
@@ -373,8 +375,10 @@ class MpiPipeline:
             self._broken = f"{self.describe(exc.rank)} failed: {exc.what}"
             self._abort_workers(exc.rank)
             raise PipelineError(self._broken) from None
-        except (KeyboardInterrupt, SystemExit):
+        except (KeyboardInterrupt, SystemExit) as exc:
             self._broken = "interrupted in the middle of a step"
+            code = exc.code if isinstance(exc, SystemExit) else 130
+            self._exit_code = code if isinstance(code, int) and code else 1
             self._abort_workers(-1)
             raise
         except Exception as exc:                                      # the head's own step failed
@@ -429,5 +433,5 @@ def serve_worker(transport: Any, stage: Stage, fault_after: int | None = None) -
         if isinstance(exc, SystemExit):
             what = f"stopped by signal (exit {exc.code})"
         transport.report_failure(what)
-        transport.await_abort(10.0)
+        transport.await_abort(WORKER_ABORT_WAIT_S, f"failed: {what}")
         return 1

@@ -262,7 +262,7 @@ class Transport:
         while time.monotonic() < deadline and not all(req.Test() for req in reqs):
             time.sleep(0.001)
 
-    def await_abort(self, timeout_s: float) -> None:
+    def await_abort(self, timeout_s: float, what: str = "failed") -> None:
         """(worker, after reporting a failure) wait for the head's Abort or Shutdown; if neither comes,
         abort the job."""
         deadline = time.monotonic() + timeout_s
@@ -274,7 +274,7 @@ class Transport:
         except (Aborted, PeerFailed):
             return
         if not any(isinstance(m, Shutdown) for m, _ in self._stash):
-            self.abort_job(1, f"rank {self.rank} ({self.host}): the head did not answer a failure report")
+            self.abort_job(1, f"rank {self.rank} ({self.host}) {what}; the head did not answer")
 
     def abort_job(self, code: int, text: str | None = None) -> None:
         """End the whole job now: MPI_Abort, after which the launcher kills every rank (the only exit
