@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+ATTN_CHUNK = 256   # queries per score block in attention(): a 4k-token prompt never holds (T, L) scores whole
+
 
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """RMSNorm over the last axis: x / sqrt(mean(x^2) + eps) * weight.
@@ -92,9 +94,14 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: int) -> np.ndarr
         pos: position of the first query.
     Returns:
         (T, n_head * head_dim) float32; query head h reads KV head h // (n_head // n_head_kv), as ggml's
-        broadcasting mul_mat does. Scores are scaled by 1/sqrt(head_dim) and masked to keys <= position.
+        broadcasting mul_mat does. Scores are scaled by 1/sqrt(head_dim) and masked to keys <= position;
+        long batches run in blocks of ATTN_CHUNK queries (each row's math is the same).
     """
     T, n_head, head_dim = q.shape
+    if T > ATTN_CHUNK:                                                   # bound the (.., T, L) score tensor
+        return np.concatenate([attention(q[t:t + ATTN_CHUNK], k[:, :pos + t + ATTN_CHUNK],
+                                         v[:, :pos + t + ATTN_CHUNK], pos + t)
+                               for t in range(0, T, ATTN_CHUNK)])
     n_head_kv, L, _ = k.shape
     n_gqa = n_head // n_head_kv
     # (n_head_kv, n_gqa * T, head_dim): the query heads sharing one KV head, stacked head-major.

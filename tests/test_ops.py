@@ -93,6 +93,18 @@ def test_attention_matches_naive_gqa_loop(pos, T):
     np.testing.assert_allclose(attention(q, k, v, pos), naive_attention(q, k, v, pos), atol=2e-6)
 
 
+def test_long_batches_are_chunked_without_changing_results(monkeypatch):
+    import core.ops
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((7, 4, 8)).astype(np.float32)
+    k = rng.standard_normal((2, 9, 8)).astype(np.float32)
+    v = rng.standard_normal((2, 9, 8)).astype(np.float32)
+    whole = attention(q, k, v, 2)
+    monkeypatch.setattr(core.ops, "ATTN_CHUNK", 3)
+    np.testing.assert_allclose(attention(q, k, v, 2), whole, atol=1e-6)
+    np.testing.assert_allclose(attention(q, k, v, 2), naive_attention(q, k, v, 2), atol=2e-6)
+
+
 def test_first_position_attends_only_to_itself():
     rng = np.random.default_rng(3)
     q = rng.standard_normal((3, 4, 4)).astype(np.float32)
