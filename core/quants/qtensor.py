@@ -145,6 +145,8 @@ class QTensor:
         if x.ndim != 2 or x.shape[1] != self.shape[1]:
             raise ValueError(f"matmul: x has shape {x.shape}, expected (T, {self.shape[1]})")
         out = np.empty((x.shape[0], self.shape[0]), dtype=np.float32)
+        if x.shape[0] == 0:
+            return out
         if self._fmt is None:
             tile = max(8, TILE_ELEMS // self.shape[1] // 8 * 8)
             work, ctx = self._float_rows, x
