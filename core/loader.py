@@ -72,6 +72,8 @@ class _HeaderWalk:
             itype, count = self.take("<I"), self.take("<Q")
             if count > _MAX_COUNT:
                 raise ValueError(f"metadata array '{key}' claims {count} items")
+            if count * _SCALAR_SIZE.get(itype, 8) > self.size - self.offs:     # strings need >= 8 bytes
+                raise _Truncated
             if itype in _SCALAR_SIZE:
                 self.skip(count * _SCALAR_SIZE[GGUFValueType(itype)])
             else:
@@ -102,6 +104,8 @@ def _check_layout(path: Path, size: int) -> int:
             raise ModelFileError(f"{path}: GGUF version {version} is not supported (need 2 or 3)")
         try:
             n_tensors, n_kv = walk.take("<Q"), walk.take("<Q")
+            if n_tensors * 24 + n_kv * 12 > size:                       # smallest tensor info / key-value
+                raise _Truncated
             if n_tensors > _MAX_COUNT or n_kv > _MAX_COUNT:
                 raise ValueError(f"header claims {n_tensors} tensors and {n_kv} metadata keys")
             alignment = 32

@@ -141,3 +141,15 @@ def test_bad_token_ids_are_a_usage_error(good):
     proc = subprocess.run([sys.executable, "-m", "core.eval", "-m", str(good), "--tokens", "1,x"],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and proc.stderr.startswith("error: --tokens") and "Traceback" not in proc.stderr
+
+
+def test_absurd_counts_in_a_small_header_fail_fast(tmp_path):
+    """Corrupt counts (2^38 strings, 2^30 keys) in a tiny file: an error at once, not a long walk."""
+    import struct
+    key = struct.pack("<Q", 1) + b"a"
+    huge_array = struct.pack("<IIQQ", 0x46554747, 3, 0, 1) + key + struct.pack("<IIQ", 9, 8, 1 << 38)
+    many_keys = struct.pack("<IIQQ", 0x46554747, 3, 0, 1 << 30) + key + struct.pack("<IB", 0, 1)
+    for data in (huge_array + b"\0" * 4096, many_keys + b"\0" * 4096):
+        (tmp_path / "x.gguf").write_bytes(data)
+        with pytest.raises(ModelFileError, match="truncated|corrupt"):
+            open_model(tmp_path / "x.gguf")
