@@ -12,10 +12,15 @@ c are small integer codes (unpacked from bits), S the sub-block scale, M an addi
 Q4_1 / Q5_1 / K-quants, negated), offset a per-format constant (-8 for Q4_0). Computing it in exactly
 this order reproduces gguf.quants.dequantize bit for bit (the reference forms d*(q-8), d*q+m, dl*q-ml).
 
-Repacked arrays put the ROW index last (rows padded to a multiple of 8): an array `qs` of a block row
-(n_out, nb, bytes) is stored as (nb, bytes, n_rows8). A tile of R rows is then a slice [..., r0:r1]
-whose inner runs are contiguous, so numpy's loops run long, uint64 views unpack 8 rows at a time, and the
-expanded tile (n_in_tile, R) is directly the right-hand side of x @ tile (no transposes).
+Repacked arrays put the ROW index last (rows padded to a multiple of 8): the bytes of a row tile
+(R, nb, size) are stored as (nb, bytes, R) (qtensor.py keeps one such contiguous set per row tile). A
+column tile (units u0..u1) is then one contiguous slice, numpy's loops run long, uint64 views unpack 8
+rows at a time, and the expanded tile (k, R) is directly the right-hand side of x @ tile.
+
+Codes need not come out in column order: a format may unpack all low nibbles of a tile, then all high
+ones (contiguous writes are ~2x faster than interleaved ones), and may leave a field in place (a high
+nibble read as 16 * code). order() and xfactor() describe that; x is permuted and scaled to match once
+per call. Runs of `run` consecutive tile positions share one scale (run_shape / run_scales).
 """
 from __future__ import annotations
 
@@ -26,7 +31,6 @@ FORMATS: dict[QT, "BlockFormat"] = {}
 
 U64 = np.uint64
 NIB = U64(0x0F0F0F0F0F0F0F0F)        # low nibble of every byte of a uint64
-BIT0 = U64(0x0101010101010101)       # lowest bit of every byte
 
 
 class BlockFormat:
@@ -38,6 +42,7 @@ class BlockFormat:
     sub: int            # elements sharing one scale
     offset: float = 0.0  # constant added to the codes before scaling
     has_mins = False    # whether M is non-zero
+    run: int = 0        # tile positions sharing one scale, in tile order (0: same as sub)
     f16_at: tuple[int, ...] = (0,)   # byte offsets of the block's f16 fields (d, and dmin / m)
 
     def __init_subclass__(cls, **kw):
@@ -49,12 +54,8 @@ class BlockFormat:
     def nsub(self) -> int:
         return self.block // self.sub
 
-    run: int = 0        # tile positions sharing one scale, in tile order (0: same as sub)
-
     def order(self, U: int) -> np.ndarray:
-        """Tile position -> input column (within the tile's U units) of the codes written by codes().
-        Unpacking into contiguous halves (all low nibbles, then all high ones) is ~2x faster than
-        interleaving them, so tiles are not in column order; x is gathered to match once per call."""
+        """Tile position -> input column (within the tile's U units) of the codes written by codes()."""
         return np.arange(U * self.block)
 
     def xfactor(self, U: int) -> np.ndarray | None:
