@@ -60,7 +60,11 @@ class Stage:
             self.output = self.token_embd if cfg.tied_output else self._matrix("output.weight")
         else:
             self.output = None
+        names = [f"blk.{i}.{f}.weight" for i in layers for f in Block.__dataclass_fields__ if not f.endswith("norm")]
+        repack = self._pool.map if self._pool is not None else map     # repacking releases the GIL often
+        self._loaded = dict(zip(names, repack(self._matrix, names)))
         self.blocks = [self._block(i) for i in layers]
+        del self._loaded
         self.freq_factors = (self._vector("rope_freqs.weight")
                              if self.blocks and model.has("rope_freqs.weight") else None)
         self.cache = KVCache(len(self.blocks), n_ctx, cfg.n_head_kv, cfg.head_dim)
@@ -80,8 +84,8 @@ class Stage:
         return dequantize(np.asarray(t.data).reshape(1, -1), t.tensor_type).reshape(-1)
 
     def _block(self, i: int) -> Block:
-        return Block(**{name: (self._vector if name.endswith("norm") else self._matrix)(f"blk.{i}.{name}.weight")
-                        for name in Block.__dataclass_fields__})
+        return Block(**{name: self._vector(f"blk.{i}.{name}.weight") if name.endswith("norm")
+                        else self._loaded[f"blk.{i}.{name}.weight"] for name in Block.__dataclass_fields__})
 
     # ---- state ---------------------------------------------------------------------------------
     @property
