@@ -82,6 +82,7 @@ def start_cluster(opts: Any, on_plan: Callable[[Plan], None] | None = None) -> P
     if mode == "single":
         return _start_single(opts, on_plan)
     from core import transport
+    _limit_blas_threads(1)     # ranks may share a host: -t threads come from each Stage's own pool
     if mode == "spawn":
         t = transport.spawn_workers(opts.np - 1, _worker_argv(), opts.hostfile)
     else:
@@ -252,6 +253,29 @@ def _rank_plan(model: ModelFile, rank: int, host: str, layers: range, n_ctx: int
                  if t.name in head or t.name[:t.name.find(".", 4) + 1] in names)
     kv = 2 * len(layers) * n_ctx * cfg.n_head_kv * cfg.head_dim * 4
     return RankPlan(rank, host, layers, weight, kv, path, threads)
+
+
+def _limit_blas_threads(n: int) -> bool:
+    """Cap OpenBLAS's own threads in this process (numpy's wheel starts one per core, and they spin:
+    two ranks on two cores then fight over four busy threads, measured 3-4x slower). True if capped."""
+    import ctypes
+    try:
+        with open("/proc/self/maps") as f:
+            libs = {line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line}
+    except OSError:
+        return False
+    names = ("openblas_set_num_threads", "openblas_set_num_threads64_", "scipy_openblas_set_num_threads64_",
+             "scipy_openblas_set_num_threads")
+    for path in sorted(libs):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in names:
+            if hasattr(lib, name):
+                getattr(lib, name)(ctypes.c_int(n))
+                return True
+    return False
 
 
 def _one_line(exc: BaseException) -> str:

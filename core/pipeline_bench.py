@@ -58,13 +58,18 @@ def _job(args: argparse.Namespace) -> int:
     logits = {}
     for name, ub in (("unpipelined", 0), ("pipelined", args.ubatch)):
         pipe.ubatch = ub
-        best = float("inf")
+        best, compute = float("inf"), []
         for _ in range(args.repeat):
             pipe.kv_clear()
+            before = [s.compute_ms for s in pipe.stats()]
             t0 = time.perf_counter()
             logits[name] = pipe.eval(prompt)                      # (n_vocab,)
-            best = min(best, time.perf_counter() - t0)
+            wall = time.perf_counter() - t0
+            if wall < best:
+                best = wall
+                compute = [(s.compute_ms - b) / 1e3 for s, b in zip(pipe.stats(), before)]
         result[f"{name}_s"] = best
+        result[f"{name}_compute_s"] = compute                     # per rank, in the best run
     from .pipeline import choose_ubatch
     result["ubatch"] = choose_ubatch(args.tokens, t.size, args.ubatch)
     result["speedup"] = result["unpipelined_s"] / result["pipelined_s"]
@@ -90,6 +95,10 @@ def _report(r: dict) -> str:
              f"prefill of {r['tokens']} tokens: unpipelined {r['unpipelined_s']:.3f} s, pipelined "
              f"(micro-batches of {r['ubatch']}) {r['pipelined_s']:.3f} s -> speed-up {r['speedup']:.2f}x "
              f"(max |logit diff| {r['max_abs_logit_diff']:.2e}, same argmax: {r['same_argmax']})"]
+    for name in ("unpipelined", "pipelined"):
+        busy = r[f"{name}_compute_s"]
+        lines.append(f"  {name}: compute per rank {', '.join(f'{c:.3f} s' for c in busy)}; ranks busy "
+                     f"{100 * sum(busy) / (len(busy) * r[f'{name}_s']):.0f}% of the wall time")
     for rank, (rss, w, kv) in enumerate(zip(r["rss_mib"], r["weight_mib"], r["kv_mib"])):
         share = w + kv
         lines.append(f"rank {rank}: RSS {rss:7.1f} MiB; share (weights {w:.1f} + KV {kv:.1f}) {share:7.1f} MiB; "
@@ -126,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.ubatch is not None:
             cmd += ["--ubatch", str(args.ubatch)]
         root = str(Path(__file__).resolve().parents[1])
-        env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        # one BLAS thread per rank, as chat/launch.py sets for cluster ranks ("one thread each")
+        env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                   OPENBLAS_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             print(proc.stdout + proc.stderr, file=sys.stderr)
