@@ -11,6 +11,7 @@ import codecs
 import sys
 from typing import Callable, Iterable, TextIO
 
+from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -59,8 +60,7 @@ class Renderer:
         # force_terminal when colour is asked for: under mpiexec stdout is a pipe but the user sees it
         self.out = Console(file=out, force_terminal=True if color else None, **common)
         self.err = Console(file=err, stderr=True, force_terminal=True if color else None, **common)
-        self.at_line_start = True
-        self.echo_user = False          # set by the reader when the terminal does not echo input
+        self.tail: list[tuple[str, str]] = []   # (text, style) after the last newline shown
 
     # -- the conversation stream ----------------------------------------------------------------
 
@@ -70,7 +70,40 @@ class Renderer:
             return
         self.out.print(Text(text, style=STYLES.get(style, "")), end="")
         self.out.file.flush()
-        self.at_line_start = text.endswith("\n")
+        self.track(text, style)
+
+    def track(self, text: str, style: str) -> None:
+        """Remember what the cursor's line holds (text shown by us or echoed by the terminal)."""
+        if "\n" in text:
+            last = text.rsplit("\n", 1)[1]
+            self.tail = [(last, style)] if last else []
+        elif text:
+            self.tail.append((text, style))
+
+    @property
+    def at_line_start(self) -> bool:
+        return not self.tail
+
+    def take_last_row(self, columns: int) -> list[tuple[str, str]]:
+        """The (text, style) pieces on the terminal row the cursor is on, for a line editor to redraw
+        as its prompt after a carriage return. Wide characters count double (rich's cell widths)."""
+        total = sum(cell_len(t) for t, _ in self.tail)
+        if not total or columns <= 0:
+            return []
+        remaining = total % columns
+        if remaining == 0:                  # the row is full: the editor starts on a fresh row
+            self.stream("\n")
+            return []
+        row: list[tuple[str, str]] = []
+        for text, style in reversed(self.tail):
+            if remaining <= 0:
+                break
+            piece = text
+            while cell_len(piece) > remaining:
+                piece = piece[1:]
+            row.insert(0, (piece, style))
+            remaining -= cell_len(piece)
+        return row
 
     def begin_user_input(self) -> None:
         """Plain line mode: colour what the terminal echoes (llama.cpp's console::user_input)."""

@@ -20,6 +20,10 @@ if TYPE_CHECKING:
     from .session import ChatSession
 
 
+PTK_STYLES = {"prompt": "ansiyellow nobold", "output": "nobold noinherit", "error": "bold ansired",
+              "user": "bold ansigreen"}
+
+
 def under_mpiexec() -> bool:
     """Started by an MPI launcher (hydra sets PMI_RANK; Open MPI sets OMPI_COMM_WORLD_RANK)."""
     return "PMI_RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ or "PMIX_RANK" in os.environ
@@ -57,7 +61,7 @@ class PlainReader:
                     break
         finally:
             self.ui.end_user_input()
-        self.ui.at_line_start = True
+        self.ui.track("\n", "user")         # the terminal echoed the line and its newline
         return turn
 
 
@@ -73,7 +77,8 @@ class ScriptReader:
             return None
         turn = self.turns.pop(0).text()
         self.ui.user_echo(turn)
-        self.ui.at_line_start = True
+        if not turn.endswith("\n"):
+            self.ui.stream("\n")            # a turn ending in `/` has no newline; keep the screen tidy
         return turn
 
 
@@ -121,12 +126,18 @@ class TerminalReader:
 
     def read_turn(self, session: "ChatSession", instruct: bool) -> str | None:
         session.refresh_rank_ms()
+        # prompt_toolkit draws from column 0: hand it the cursor's row (e.g. "User:") as its message
+        row = self.ui.take_last_row(self.prompt_session.output.get_size().columns)
+        if row:
+            self.ui.out.file.write("\r")
+            self.ui.out.file.flush()
+        message = [(PTK_STYLES.get(style, "") if self.ui.color else "", text) for text, style in row]
         try:
-            text = self.prompt_session.prompt("", bottom_toolbar=session.toolbar,
+            text = self.prompt_session.prompt(message, bottom_toolbar=session.toolbar,
                                               prompt_continuation=lambda width, line, soft: "")
         except EOFError:
             return None
-        self.ui.at_line_start = True
+        self.ui.track("\n", "user")
         return join_turn(text.split("\n"), self.multiline)
 
 

@@ -162,3 +162,17 @@ def test_terminal_reader_with_prompt_toolkit_pipe_input(monkeypatch, tmp_path):
         inp.send_text("x\x03")               # Ctrl-C at the prompt
         with pytest.raises(KeyboardInterrupt):
             reader.read_turn(FakeSession(), False)
+
+
+def test_last_row_handed_to_the_line_editor():
+    out = io.StringIO()
+    ui = Renderer(color=False, out=out, err=io.StringIO())
+    ui.stream("Bob: Green.\nUs", "prompt")
+    ui.stream("er:", "output")
+    assert ui.take_last_row(80) == [("Us", "prompt"), ("er:", "output")]
+    ui.stream("\n" + "x" * 85)
+    assert ui.take_last_row(80) == [("xxxxx", "output")]            # only the wrapped row's part
+    ui.stream("\n" + "y" * 80)
+    assert ui.take_last_row(80) == [] and out.getvalue().endswith("y\n")   # a full row: start afresh
+    ui.stream("\n\u4e2d\u6587")                                        # wide characters: 2 cells each
+    assert ui.take_last_row(3) == [("\u6587", "output")]
