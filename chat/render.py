@@ -87,22 +87,23 @@ class Renderer:
     def take_last_row(self, columns: int) -> list[tuple[str, str]]:
         """The (text, style) pieces on the terminal row the cursor is on, for a line editor to redraw
         as its prompt after a carriage return. Wide characters count double (rich's cell widths)."""
-        total = sum(cell_len(t) for t, _ in self.tail)
-        if not total or columns <= 0:
-            return []
-        remaining = total % columns
-        if remaining == 0:                  # the row is full: the editor starts on a fresh row
-            self.stream("\n")
+        if not self.tail or columns <= 0:
             return []
         row: list[tuple[str, str]] = []
-        for text, style in reversed(self.tail):
-            if remaining <= 0:
-                break
-            piece = text
-            while cell_len(piece) > remaining:
-                piece = piece[1:]
-            row.insert(0, (piece, style))
-            remaining -= cell_len(piece)
+        col = 0
+        for text, style in self.tail:          # replay the terminal's wrapping, character by character
+            for ch in text:
+                width = cell_len(ch)
+                if col + width > columns:
+                    row, col = [], 0
+                if row and row[-1][1] == style:
+                    row[-1] = (row[-1][0] + ch, style)
+                else:
+                    row.append((ch, style))
+                col += width
+        if col >= columns:                      # the row is full: the editor starts on a fresh row
+            self.stream("\n")
+            return []
         return row
 
     def begin_user_input(self) -> None:
