@@ -214,3 +214,18 @@ def test_mpiexec_ctrl_c_at_the_prompt_exits_130_on_every_rank(tmp_path):
     child.expect_exact("total time")
     assert finish(child) == 130
     assert_no_rank_left(tag)
+
+
+@pytest.mark.parametrize("mode", ["-i", "-n"])
+def test_spawn_ctrl_c_exits_130_when_not_interactive_or_pressed_twice(tmp_path, mode):
+    model = stories_or_skip()
+    env, tag = tagged_env(tmp_path)
+    extra = ["-i"] if mode == "-i" else []
+    child = spawn(["-m", model, "--np", "2", "-p", "Once upon a time", "-n", "-1", "--ignore-eos",
+                   "-c", "4096", *extra], env)
+    child.expect_exact("Once upon a time")
+    read_for(child, 1.0)
+    child.send("\x03\x03" if mode == "-i" else "\x03")    # twice while generating / once without -i
+    child.expect_exact("total time")
+    assert finish(child) == 130
+    assert_no_rank_left(tag)
