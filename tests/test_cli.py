@@ -235,3 +235,15 @@ def test_prompt_file_loses_one_trailing_newline_and_fills_vars(tmp_path):
     f.write_bytes(b"\xff")
     with pytest.raises(Exception, match="not valid UTF-8"):
         read_prompt(o)
+
+
+def test_color_through_a_pipe_and_no_color_wins(tmp_path):
+    model = stories_or_skip()
+    env, _ = tagged_env(tmp_path)
+    args = ["-m", model, "-p", "Once", "-n", "2", "--temp", "0", "--color"]
+    coloured = run_chat(args, env)
+    assert coloured.stdout.startswith("\x1b[33m Once\x1b[0m")        # yellow prompt, even into a pipe
+    plain = run_chat(args, dict(env, NO_COLOR="1"))
+    assert plain.stdout.startswith(" Once") and "\x1b[" not in plain.stdout + plain.stderr
+    bad = run_chat(["-m", model, "--top-k", "x", "--color"], env)
+    assert bad.stderr == "\x1b[1;31merror: --top-k: 'x' is not an integer\x1b[0m\n"   # errors bold red
