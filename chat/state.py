@@ -267,10 +267,17 @@ class ChatState:
                 return None
             # keep BOS + n_keep, drop half of the rest, move the later positions down (on every rank)
             n_left = c.n_past - c.n_keep - 1
-            n_discard = n_left // 2
-            yield Shift(c.n_keep + 1, n_discard)
-            c.n_past -= n_discard
-            c.n_shifts += 1
+            n_discard = max(0, n_left // 2)
+            if n_discard:
+                yield Shift(c.n_keep + 1, n_discard)
+                c.n_past -= n_discard
+                c.n_shifts += 1
+            room = self.n_ctx - c.n_past
+            if len(embd) > room:   # the kept prompt leaves too little room: cut (main would fail here)
+                skipped = len(embd) - room
+                embd = embd[:room]
+                yield Print(f"<<input too long: skipped {skipped} token{'s' if skipped != 1 else ''}>>",
+                            "error")
         for i in range(0, len(embd), self.opts.n_batch):
             chunk = tuple(embd[i:i + self.opts.n_batch])
             yield Eval(chunk, sampled)

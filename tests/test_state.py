@@ -245,3 +245,12 @@ def test_interactive_n_predict_exhausted_returns_control():
     log = drive(make(opts("-i", "-n", "2"), "ab"), [X, Y, Z], [None])
     k = kinds(log)
     assert k.count("Sample") == 2 and "Read" in k
+
+
+def test_input_that_cannot_fit_after_keeping_the_prompt_is_cut():
+    # --keep -1 keeps all 11 prompt tokens of a 16-token context: nothing can be discarded
+    state = make(opts("--interactive-first", "--keep", "-1"), "abcdefghij", n_ctx=16)
+    log = drive(state, [], ["0123456789\n"])
+    assert not any(isinstance(r, Shift) for r in log)
+    assert Print("<<input too long: skipped 6 tokens>>", "error") in log
+    assert evals(log)[-1] == ids("01234") and state.c.n_past == 16
