@@ -148,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_head(opts, pipeline, prepared, ui, banner, load_ms=1000.0 * (time.perf_counter() - t0))
     except KeyboardInterrupt:                     # Ctrl-C before the chat took over the signal
         return 130
+    except BrokenPipeError:                       # `llama-mpi ... | head`: the reader left; say nothing
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_ERROR
     except UsageError as exc:
         ui.error(str(exc))
         return EXIT_USAGE
