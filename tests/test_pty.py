@@ -229,3 +229,18 @@ def test_spawn_ctrl_c_exits_130_when_not_interactive_or_pressed_twice(tmp_path, 
     child.expect_exact("total time")
     assert finish(child) == 130
     assert_no_rank_left(tag)
+
+
+def test_a_tiny_terminal_does_not_break_the_chat(tmp_path):
+    model = stories_or_skip()
+    env, tag = tagged_env(tmp_path, COLUMNS="8", LINES="3")
+    cmd = chat_cmd("-m", model, "--color", "-i", "-r", "User:", "-f", str(PROMPTS / "chat-with-bob.txt"),
+                   "-n", "12", "--temp", "0")
+    child = pexpect.spawn(cmd[0], cmd[1:], env=env, cwd=str(REPO), encoding="utf-8", timeout=60,
+                          dimensions=(3, 8), codec_errors="replace")
+    wait_for_prompt(child)
+    child.send("Hello there, Bob, how are you today?\r")
+    wait_for_prompt(child)
+    child.sendcontrol("d")
+    assert finish(child) == 0
+    assert_no_rank_left(tag)
