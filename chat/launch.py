@@ -79,10 +79,12 @@ def start_cluster(opts: Any, on_plan: Callable[[Plan], None] | None = None) -> P
     if opts.model is None:
         raise UsageError("no model: give -m FILE")
     mode = launch_mode(opts)
+    # Ranks may share a host, so -t threads come from each Stage's own pool, never from BLAS; the same
+    # in one process, so that a single-process run and a cluster run compute bit-identical logits.
+    _limit_blas_threads(1)
     if mode == "single":
         return _start_single(opts, on_plan)
     from core import transport
-    _limit_blas_threads(1)     # ranks may share a host: -t threads come from each Stage's own pool
     if mode == "spawn":
         t = transport.spawn_workers(opts.np - 1, _worker_argv(), opts.hostfile)
     else:

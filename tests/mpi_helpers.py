@@ -92,3 +92,35 @@ def rank_pid(marker: str, rank: int, timeout: float = 20) -> int:
                 return pid
         time.sleep(0.05)
     pytest.fail(f"rank {rank} of {marker} never showed up")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` in the process tree (from /proc/*/stat parent links)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def alive(pids: list[int]) -> list[int]:
+    """The pids that still exist and are not zombies."""
+    left = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            left.append(pid)
+    return left

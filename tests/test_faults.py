@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from mpi_helpers import (REPO, driver_cmd, mpiexec, model, processes_matching, rank_pid, run,
+from mpi_helpers import (REPO, alive, descendants, driver_cmd, mpiexec, model, rank_pid, run,
                          wait_gone)
 
 HOST = socket.gethostname()
@@ -33,12 +33,22 @@ def test_injected_exception_in_a_worker(tmp_path):
 
 def test_injected_exception_in_spawn_mode(tmp_path):
     out = tmp_path / "f.npz"
-    r = run(driver_cmd(out, 12, ["-m", model("stories260K"), "--np", "3"]), env={"LLAMA_MPI_FAULT": "2:2"})
-    assert r.returncode != 0
-    assert error_lines(r.stderr)[0] == (
+    cmd = driver_cmd(out, 12, ["-m", model("stories260K"), "--np", "3"])
+    env = dict(os.environ, LLAMA_MPI_FAULT="2:2")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env,
+                            start_new_session=True)
+    seen: set[int] = set()
+    while proc.poll() is None:                                  # collect the spawned ranks while they run
+        seen.update(descendants(proc.pid))
+        time.sleep(0.02)
+    _, stderr = proc.communicate()
+    assert proc.returncode != 0
+    assert error_lines(stderr)[0] == (
         f"error: rank 2 ({HOST}, layers 4) failed: RuntimeError: injected fault at evaluation 2")
-    wait_gone(str(out), 10)
-    wait_gone(WORKER_MARK, 10)
+    t0 = time.monotonic()
+    while alive(list(seen)) and time.monotonic() - t0 < 10:
+        time.sleep(0.05)
+    assert not alive(list(seen))
 
 
 def test_wrong_split_count(tmp_path):
@@ -149,9 +159,19 @@ def test_clean_exit_within_2_s(tmp_path, spawn):
                             start_new_session=True)
     line = proc.stdout.readline()                               # the head's last act before close()
     t_done = time.monotonic()
+    tree = descendants(proc.pid)                                # every rank (and hydra) of this run
     assert line.startswith("tokens "), proc.stderr.read()
+    assert len([p for p in tree if "mpi_driver" in _cmdline(p) or WORKER_MARK in _cmdline(p)]) >= 2
     proc.wait(timeout=10)
     assert proc.returncode == 0
+    while alive(tree) and time.monotonic() - t_done < 2.0:
+        time.sleep(0.02)
+    assert not alive(tree), [(p, _cmdline(p)) for p in alive(tree)]
     assert time.monotonic() - t_done < 2.0, time.monotonic() - t_done
-    wait_gone(str(out), 0.5)
-    assert not processes_matching(WORKER_MARK)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
