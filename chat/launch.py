@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import os
 import signal
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,8 @@ def start_cluster(opts: Any, on_plan: Callable[[Plan], None] | None = None) -> P
         return _start_single(opts, on_plan)
     from core import transport
     if mode == "spawn":
+        if opts.hostfile:
+            check_hostfile(opts.hostfile)
         t = transport.spawn_workers(opts.np - 1, _worker_argv(), opts.hostfile)
     else:
         t = transport.world()
@@ -96,6 +99,30 @@ def start_cluster(opts: Any, on_plan: Callable[[Plan], None] | None = None) -> P
         return None            # exit 0 even after a failure: the head's status is the job's (hydra
                                # kills the ranks still finalizing when one exits non-zero)
     return _head(t, opts, mode, on_plan)
+
+
+def check_hostfile(path: str) -> list[str]:
+    """Hosts of an MPICH hostfile (`host[:slots]` per line, `#` comments; Open MPI's `host slots=N` is
+    read too). Checked before spawning, because hydra's own failure kills the head without a word."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise UsageError(f"--hostfile: '{path}' not found") from None
+    except OSError as exc:
+        raise UsageError(f"--hostfile: cannot read '{path}': {exc.strerror}") from None
+    hosts = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            hosts.append(line.split()[0].split(":", 1)[0])
+    if not hosts:
+        raise UsageError(f"--hostfile: '{path}' names no host")
+    for host in hosts:
+        try:
+            socket.getaddrinfo(host, None)
+        except OSError:
+            raise UsageError(f"--hostfile: host '{host}' in '{path}' cannot be resolved") from None
+    return hosts
 
 
 # ---- single process ------------------------------------------------------------------------------
