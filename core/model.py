@@ -62,9 +62,8 @@ class Stage:
             self.output = None
         names = [f"blk.{i}.{f}.weight" for i in layers for f in Block.__dataclass_fields__ if not f.endswith("norm")]
         repack = self._pool.map if self._pool is not None else map     # repacking releases the GIL often
-        self._loaded = dict(zip(names, repack(self._matrix, names)))
-        self.blocks = [self._block(i) for i in layers]
-        del self._loaded
+        matrices = dict(zip(names, repack(self._matrix, names)))
+        self.blocks = [self._block(i, matrices) for i in layers]
         self.freq_factors = (self._vector("rope_freqs.weight")
                              if self.blocks and model.has("rope_freqs.weight") else None)
         self.cache = KVCache(len(self.blocks), n_ctx, cfg.n_head_kv, cfg.head_dim)
@@ -83,9 +82,9 @@ class Stage:
             return np.array(t.data, dtype=np.float32).reshape(-1)        # (n,) private copy
         return dequantize(np.asarray(t.data).reshape(1, -1), t.tensor_type).reshape(-1)
 
-    def _block(self, i: int) -> Block:
+    def _block(self, i: int, matrices: dict[str, QTensor]) -> Block:
         return Block(**{name: self._vector(f"blk.{i}.{name}.weight") if name.endswith("norm")
-                        else self._loaded[f"blk.{i}.{name}.weight"] for name in Block.__dataclass_fields__})
+                        else matrices[f"blk.{i}.{name}.weight"] for name in Block.__dataclass_fields__})
 
     # ---- state ---------------------------------------------------------------------------------
     @property
@@ -137,7 +136,7 @@ class Stage:
     # ---- compute -------------------------------------------------------------------------------
     def embed(self, tokens) -> np.ndarray:
         """Token ids (T,) -> embeddings (T, n_embd) f32."""
-        if self.token_embd is None:
+        if not self.has_embed or self.token_embd is None:
             raise ValueError("this stage was built without the token embedding (embed=False)")
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1)             # (T,)
         bad = ids[(ids < 0) | (ids >= self.config.n_vocab)]
@@ -188,7 +187,7 @@ class Stage:
 
     def eval(self, tokens, pos: int, all_logits: bool = False) -> np.ndarray:
         """Embed, run every layer, and return the logits: (n_vocab,) for the last token, or (T, n_vocab)."""
-        if self.token_embd is None or self.output is None or len(self.layers) != self.config.n_layer:
+        if not self.has_embed or self.output is None or len(self.layers) != self.config.n_layer:
             raise ValueError("eval() needs a full-model stage (all layers, embed=True, head=True)")
         h = self.forward(self.embed(tokens), pos)                        # (T, n_embd)
         if not all_logits:
