@@ -92,6 +92,10 @@ def test_tied_output_uses_token_embd_and_matches_float64_head(tmp_path):
     norm = np.asarray(model.tensor("output_norm.weight").data, np.float64)
     x = h / np.sqrt((h.astype(np.float64) ** 2).mean(1, keepdims=True) + model.config.norm_eps) * norm
     np.testing.assert_allclose(s.logits(h), x @ w.T, atol=2e-3, rtol=1e-3)
+    head_only = Stage(model, range(1, 1), embed=False, head=True, n_ctx=8)   # a last rank's head
+    np.testing.assert_allclose(head_only.logits(h), s.logits(h), atol=1e-6)
+    with pytest.raises(ValueError):
+        head_only.embed([1])
 
 
 def test_linear_rope_scaling_changes_positions_not_position_zero(tmp_path):
