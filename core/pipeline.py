@@ -216,7 +216,7 @@ def _step(transport: Any, stage: Stage, msg: Eval, meter: _Meter, buf: np.ndarra
             t0 = time.perf_counter()
             h = stage.forward(stage.embed(tokens[i0:i0 + n]), msg.pos + i0)   # (n, n_embd)
         else:
-            transport.wait(recvs[j], f"rank {rank - 1}")
+            transport.wait(recvs[j])
             t0 = time.perf_counter()
             h = stage.forward(buf[i0:i0 + n], msg.pos + i0)           # (n, n_embd)
         meter.compute_s += time.perf_counter() - t0
@@ -236,14 +236,14 @@ def _step(transport: Any, stage: Stage, msg: Eval, meter: _Meter, buf: np.ndarra
         meter.bytes_sent += h_out.nbytes
     meter.tokens += msg.n_tokens
     for req in sends:
-        transport.wait(req, "a send")
+        transport.wait(req)
     if rank != 0:
         return None
     if size == 1:
         h = np.concatenate(keep) if len(keep) > 1 else keep[0]        # (T, n_embd)
         return h if msg.all_rows else h[-1:]
     for req in back:
-        transport.wait(req, f"rank {last}")
+        transport.wait(req)
     return out
 
 
@@ -262,7 +262,7 @@ class MpiPipeline:
         self.layers, self.ubatch = layers, ubatch
         self._seq = 0
         self._meter = _Meter()
-        self._buf = np.empty((0, self.config.n_embd), dtype=np.float32)
+        self._no_buf = np.empty((0, self.config.n_embd), dtype=np.float32)   # the head receives no input
         self._broken: str | None = None      # the error that stopped the cluster
         self._exit_code = 1                  # the job's status when it has to be aborted
         self._closed = False
@@ -354,9 +354,7 @@ class MpiPipeline:
     def _eval(self, msg: Eval, ids: np.ndarray) -> np.ndarray:
         self.t.poll_failure()                                         # a worker that died while we idled
         self._send(msg)
-        if self._buf.shape[0] < msg.n_tokens:
-            self._buf = np.empty((self.n_ctx, self.config.n_embd), dtype=np.float32)
-        h = run_step(self.t, self.stage, msg, self._meter, self._buf, ids)   # (rows, n_embd)
+        h = run_step(self.t, self.stage, msg, self._meter, self._no_buf, ids)   # (rows, n_embd)
         t0 = time.perf_counter()
         logits = self.stage.logits(h)                                 # (rows, n_vocab)
         self._meter.compute_s += time.perf_counter() - t0

@@ -28,8 +28,8 @@ POLL_MIN_S = 20e-6           # first sleep of a wait; doubles each poll ...
 POLL_MAX_S = 0.002           # ... up to this while the wait is young (latency ~ this per hop)
 POLL_IDLE_S = 0.010          # ... and this once the wait is older than IDLE_AFTER_S (an idle worker)
 IDLE_AFTER_S = 1.0
-LIVENESS_EVERY_S = 0.25
-FINISH_TIMEOUT_S = 8.0       # how long a closing rank waits for the others to close too      # how often a waiting rank checks that its same-host peers still run
+LIVENESS_EVERY_S = 0.25      # how often a waiting rank checks that its same-host peers still run
+FINISH_TIMEOUT_S = 8.0       # how long a closing rank waits for the others to close too
 
 _MPI = None
 
@@ -105,7 +105,7 @@ class Transport:
         return self.peers
 
     # ---- polling ---------------------------------------------------------------------------------
-    def wait(self, req: Any, what: str = "a peer") -> None:
+    def wait(self, req: Any) -> None:
         """Poll `req` to completion while watching for failures (raises PeerFailed / Aborted)."""
         if not req.Test():
             self._poll_until(req.Test)
@@ -152,7 +152,7 @@ class Transport:
         frame = encode(msg, seq)
         reqs = [self.comm.Isend([frame, self._mpi_int64()], dest=r, tag=TAG_CTRL) for r in range(1, self.size)]
         for req in reqs:
-            self.wait(req, "a control send")
+            self.wait(req)
 
     def recv_ctrl(self) -> tuple[Message, int]:
         """(worker) the next control message and its sequence number (Abort raises Aborted)."""
@@ -227,15 +227,15 @@ class Transport:
         MPI = self._mpi()
         r1 = self.comm.Isend([n, MPI.INT64_T], dest=dest, tag=TAG_OBJ_LEN)
         r2 = self.comm.Isend([data, MPI.BYTE], dest=dest, tag=TAG_OBJ)
-        self.wait(r1, f"rank {dest}")
-        self.wait(r2, f"rank {dest}")
+        self.wait(r1)
+        self.wait(r2)
 
     def recv_obj(self, source: int) -> Any:
         MPI = self._mpi()
         n = np.zeros(1, dtype=np.int64)
-        self.wait(self.comm.Irecv([n, MPI.INT64_T], source=source, tag=TAG_OBJ_LEN), f"rank {source}")
+        self.wait(self.comm.Irecv([n, MPI.INT64_T], source=source, tag=TAG_OBJ_LEN))
         data = np.empty(int(n[0]), dtype=np.uint8)
-        self.wait(self.comm.Irecv([data, MPI.BYTE], source=source, tag=TAG_OBJ), f"rank {source}")
+        self.wait(self.comm.Irecv([data, MPI.BYTE], source=source, tag=TAG_OBJ))
         return pickle.loads(data.tobytes())
 
     def gather_obj(self, obj: Any) -> list[Any] | None:
@@ -342,13 +342,3 @@ def join_parent() -> Transport | None:
     if parent == MPI.COMM_NULL:
         return None
     return Transport(parent.Merge(high=True), intercomm=parent)
-
-
-def is_spawned() -> bool:
-    MPI = mpi()
-    return MPI.Comm.Get_parent() != MPI.COMM_NULL
-
-
-def processor_name() -> str:
-    return mpi().Get_processor_name()
-
