@@ -169,7 +169,8 @@ def _head(t: Any, opts: Any, mode: str, on_plan: Callable[[Plan], None] | None) 
     reports = t.gather_obj({"plan": mine, "error": error})
     _verdict(t, reports, layers)
     ubatch = os.environ.get(UBATCH_ENV)
-    pipe = MpiPipeline(t, stage, layers, ubatch=int(ubatch) if ubatch else None)
+    pipe = MpiPipeline(t, stage, layers, ubatch=int(ubatch) if ubatch else None,
+                       fault_after=_fault_after(settings["fault"], 0))
     pipe.plan = plan
     _head_signals()
     atexit.register(_head_at_exit, pipe)

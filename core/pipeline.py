@@ -179,23 +179,24 @@ class LocalPipeline:
 # ---- one step of the pipeline, as seen by any rank ---------------------------------------------
 
 def run_step(transport: Any, stage: Stage, msg: Eval, meter: _Meter, buf: np.ndarray,
-             tokens: np.ndarray | None = None) -> np.ndarray | None:
+             tokens: np.ndarray | None = None, fault: str | None = None) -> np.ndarray | None:
     """Rank k's part of one evaluation: take each micro-batch (embed on the head, receive from k-1
     elsewhere), run the stage's layers, pass it on (to k+1, or back to the head from the last rank).
 
     Returns, on the head, the hidden rows the output head needs: (T, n_embd) when `msg.all_rows`, else
     (1, n_embd); None on workers. Every send is waited before returning, so buffers can be reused.
+    `fault` (tests only): raise RuntimeError(fault) after the second micro-batch (or the only one).
     """
     posted: list[Any] = []                                           # receives to cancel on failure
     try:
-        return _step(transport, stage, msg, meter, buf, tokens, posted)
+        return _step(transport, stage, msg, meter, buf, tokens, posted, fault)
     except BaseException:
         transport.cancel(posted)
         raise
 
 
 def _step(transport: Any, stage: Stage, msg: Eval, meter: _Meter, buf: np.ndarray,
-          tokens: np.ndarray | None, posted: list[Any]) -> np.ndarray | None:
+          tokens: np.ndarray | None, posted: list[Any], fault: str | None) -> np.ndarray | None:
     rank, size = transport.rank, transport.size
     last = size - 1
     mbs = msg.micro_batches()                                         # [(row, n), ...]
@@ -220,6 +221,8 @@ def _step(transport: Any, stage: Stage, msg: Eval, meter: _Meter, buf: np.ndarra
             t0 = time.perf_counter()
             h = stage.forward(buf[i0:i0 + n], msg.pos + i0)           # (n, n_embd)
         meter.compute_s += time.perf_counter() - t0
+        if fault is not None and j == min(1, len(mbs) - 1):
+            raise RuntimeError(fault)
         if size == 1:
             keep.append(h)
             continue
@@ -255,11 +258,14 @@ class MpiPipeline:
         stage: the head's stage (embed=True, head=True, the first layer slice).
         layers: every rank's layer range, in rank order (for error messages and stats).
         ubatch: micro-batch size for prefill (0 = never pipeline, None = automatic).
+        fault_after: (tests only) the head fails in the middle of its that many-th evaluation.
     """
 
-    def __init__(self, transport: Any, stage: Stage, layers: list[range], ubatch: int | None = None):
+    def __init__(self, transport: Any, stage: Stage, layers: list[range], ubatch: int | None = None,
+                 fault_after: int | None = None):
         self.t, self.stage, self.config = transport, stage, stage.config
         self.layers, self.ubatch = layers, ubatch
+        self._fault_after, self._evals = fault_after, 0
         self._seq = 0
         self._meter = _Meter()
         self._no_buf = np.empty((0, self.config.n_embd), dtype=np.float32)   # the head receives no input
@@ -354,6 +360,9 @@ class MpiPipeline:
     def _eval(self, msg: Eval, ids: np.ndarray) -> np.ndarray:
         self.t.poll_failure()                                         # a worker that died while we idled
         self._send(msg)
+        self._evals += 1
+        if self._fault_after is not None and self._evals >= self._fault_after:
+            raise RuntimeError(f"injected fault at evaluation {self._evals}")   # workers are mid-step
         h = run_step(self.t, self.stage, msg, self._meter, self._no_buf, ids)   # (rows, n_embd)
         t0 = time.perf_counter()
         logits = self.stage.logits(h)                                 # (rows, n_vocab)
@@ -397,8 +406,8 @@ def serve_worker(transport: Any, stage: Stage, fault_after: int | None = None) -
     """A worker's life after setup: apply the head's control messages in order until Shutdown.
 
     Returns the exit status: 0 after Shutdown, 1 after an Abort or a failure of this rank (which is
-    reported to the head in one line first). `fault_after` (tests only) raises an error at the
-    start of that many-th evaluation.
+    reported to the head in one line first). `fault_after` (tests only) raises an error in the
+    middle of that many-th evaluation.
     """
     meter, buf = _Meter(), np.empty((stage.n_ctx, stage.config.n_embd), dtype=np.float32)
     expected, evals = 1, 0
@@ -410,11 +419,11 @@ def serve_worker(transport: Any, stage: Stage, fault_after: int | None = None) -
             expected += 1
             if isinstance(msg, Eval):
                 evals += 1
-                if fault_after is not None and evals >= fault_after:
-                    raise RuntimeError(f"injected fault at evaluation {evals}")
                 if msg.pos != stage.n_past:
                     raise RuntimeError(f"evaluation at position {msg.pos} but this rank holds {stage.n_past}")
-                run_step(transport, stage, msg, meter, buf)
+                fault = (f"injected fault at evaluation {evals}"
+                         if fault_after is not None and evals >= fault_after else None)
+                run_step(transport, stage, msg, meter, buf, fault=fault)
             elif isinstance(msg, Stats):
                 transport.send_obj(meter.snapshot(transport.rank, transport.host, stage, transport.wait_s), 0)
             elif isinstance(msg, Shutdown):

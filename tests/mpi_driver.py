@@ -1,7 +1,7 @@
 """Test driver for the MPI pipeline (not a test module): greedy generation from token ids, run by the
 tests under mpiexec, in spawn mode or in one process. Saves tokens and logits on the head.
 
-usage: python tests/mpi_driver.py OUT.npz PROMPT_IDS N_GEN [--all-logits] [--keep K] [--idle S] -- <options>
+usage: python tests/mpi_driver.py OUT.npz PROMPT_IDS N_GEN [--all-logits] [--keep K] [--idle S] [--replay] -- <options>
 PROMPT_IDS is "1,2,3". When the context is full it shifts like llama.cpp main: keep K tokens after
 position 0, discard half of the rest.
 """
@@ -38,6 +38,16 @@ def generate(pipe, prompt: list[int], n_gen: int, all_logits: bool, n_keep: int)
     return tokens, np.concatenate(logits_out), shifts
 
 
+def replay(pipe, prompt: list[int], tokens: list[int]):
+    """KV operations after a generation: truncate back to the prompt and feed the same tokens again,
+    then clear and evaluate everything in one batch. Returns both sets of logits."""
+    pipe.kv_truncate(len(prompt))
+    again = np.stack([pipe.eval([t]) for t in tokens[:-1]])          # (n_gen - 1, n_vocab)
+    pipe.kv_clear()
+    whole = pipe.eval(prompt + tokens[:-1], all_logits=True)         # (len(prompt) + n_gen - 1, n_vocab)
+    return again, whole
+
+
 def main() -> int:
     argv = sys.argv[1:]
     sep = argv.index("--")
@@ -60,8 +70,15 @@ def main() -> int:
             time.sleep(idle)
         tokens, logits, shifts = generate(pipe, prompt, n_gen, all_logits, n_keep)
         stats = pipe.stats()
+        extra = {}
+        if "--replay" in mine:
+            extra["again"], extra["whole"] = replay(pipe, prompt, tokens)
+            extra["n_past_after"] = np.array([s.n_past for s in pipe.stats()])
         np.savez(out, tokens=np.array(tokens), logits=logits, shifts=np.array(shifts),
-                 ranks=np.array([len(s.layers) for s in stats]), rss=np.array([s.rss_bytes for s in stats]))
+                 ranks=np.array([len(s.layers) for s in stats]), rss=np.array([s.rss_bytes for s in stats]),
+                 bytes_per_token=np.array([s.bytes_per_token for s in stats]),
+                 n_past=np.array([s.n_past for s in stats]), hosts=np.array([s.host for s in stats]),
+                 compute_ms=np.array([s.compute_ms for s in stats]), **extra)
         print("tokens", " ".join(map(str, tokens)), flush=True)
         return 0
     except LlamaMpiError as exc:

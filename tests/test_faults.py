@@ -31,6 +31,25 @@ def test_injected_exception_in_a_worker(tmp_path):
     wait_gone(str(out), 10)
 
 
+def test_exception_on_the_head_mid_step(tmp_path):
+    out = tmp_path / "f.npz"
+    r = run(driver_cmd(out, 12, ["-m", model("stories260K")], n_ranks=3), env={"LLAMA_MPI_FAULT": "0:2"})
+    assert r.returncode != 0
+    assert error_lines(r.stderr) == [
+        f"error: rank 0 ({HOST}, layers 0-1) failed: RuntimeError: injected fault at evaluation 2"]
+    wait_gone(str(out), 10)
+
+
+def test_exception_in_the_last_rank_during_pipelined_prefill(tmp_path):
+    out = tmp_path / "f.npz"
+    r = run(driver_cmd(out, 12, ["-m", model("stories260K")], n_ranks=4),
+            env={"LLAMA_MPI_FAULT": "3:1", "LLAMA_MPI_UBATCH": "8"})
+    assert r.returncode != 0
+    assert error_lines(r.stderr) == [
+        f"error: rank 3 ({HOST}, layers 4) failed: RuntimeError: injected fault at evaluation 1"]
+    wait_gone(str(out), 10)
+
+
 def test_injected_exception_in_spawn_mode(tmp_path):
     out = tmp_path / "f.npz"
     cmd = driver_cmd(out, 12, ["-m", model("stories260K"), "--np", "3"])

@@ -7,6 +7,7 @@ the logit scale.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ import pytest
 
 from chat.launch import start_cluster
 from chat.options import parse_options
-from mpi_driver import generate
+from mpi_driver import generate, replay
 from mpi_helpers import REPO, PROMPT, driver_cmd, load, model, mpiexec, rank_pid, run
 
 N_GEN = 10
@@ -141,3 +142,52 @@ def test_cli_greedy_text_is_the_same_on_every_launch_mode():
     for r in runs:
         assert r.returncode == 0, r.stderr
         assert r.stdout == single.stdout
+
+
+def test_kv_truncate_and_clear_are_replayed_on_every_rank(tmp_path, ref_stories):
+    """After generating: truncate to the prompt and feed the same tokens again, then clear and run
+    everything as one batch. Bit-identical to the same sequence on the single-process pipeline."""
+    out = tmp_path / "kv.npz"
+    r = run(driver_cmd(out, N_GEN, ["-m", model("stories260K")], n_ranks=3, extra=["--all-logits", "--replay"]),
+            env={"LLAMA_MPI_UBATCH": "0"})
+    assert r.returncode == 0, r.stderr
+    got = load(out)
+    tokens, logits, _ = ref_stories
+    pipe = start_cluster(parse_options(["-m", model("stories260K"), "-c", "512"]))
+    try:
+        generate(pipe, PROMPT, N_GEN, True, 0)
+        again, whole = replay(pipe, PROMPT, tokens)
+    finally:
+        pipe.close()
+    n_prompt = len(PROMPT)
+    assert np.array_equal(again, logits[n_prompt:-1])              # truncation really dropped the steps
+    assert np.array_equal(got["again"], again)
+    assert np.array_equal(got["whole"], whole)
+    assert got["n_past_after"].tolist() == [n_prompt + N_GEN - 1] * 3            # every rank in step
+
+
+def test_stats_per_rank(tmp_path):
+    """bytes sent per token: a full (T, n_embd) f32 hop per token from every rank but the last, which
+    sends back one row per evaluation (1 prompt batch + N_GEN steps over len(PROMPT) + N_GEN tokens)."""
+    out = tmp_path / "st.npz"
+    r = run(driver_cmd(out, N_GEN, ["-m", model("stories260K")], n_ranks=3), env={"LLAMA_MPI_UBATCH": "0"})
+    assert r.returncode == 0, r.stderr
+    got = load(out)
+    n_embd = 64
+    n_tokens = len(PROMPT) + N_GEN
+    assert got["bytes_per_token"][:2].tolist() == [4.0 * n_embd] * 2
+    assert got["bytes_per_token"][2] == pytest.approx(4.0 * n_embd * (1 + N_GEN) / n_tokens)
+    assert got["n_past"].tolist() == [n_tokens] * 3
+    assert got["ranks"].tolist() == [2, 2, 1] and (got["compute_ms"] > 0).all()
+    assert set(got["hosts"].tolist()) == {socket.gethostname()}
+
+
+def test_cli_context_shift_same_on_1_and_3_ranks():
+    base = [sys.executable, "-m", "chat", "-m", model("stories260K"), "-p", "Once upon a time", "-n", "120",
+            "-c", "48", "--temp", "0"]
+    single = run(base)
+    assert single.returncode == 0, single.stderr
+    assert len(single.stdout) > 300                      # far past the 48-token context: it shifted
+    three = run([mpiexec(), "-n", "3"] + base)
+    assert three.returncode == 0, three.stderr
+    assert three.stdout == single.stdout
