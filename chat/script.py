@@ -84,10 +84,13 @@ def settings_of(opts: ChatOptions, model_label: str, n_ctx: int) -> list[tuple[s
     modes = [name for name, on in (("interactive", opts.interactive), ("interactive-first", opts.interactive_first),
                                    ("instruct", opts.instruct), ("multiline-input", opts.multiline_input),
                                    ("escape", opts.escape), ("ignore-eos", opts.ignore_eos),
-                                   ("in-prefix-bos", opts.input_prefix_bos)) if on]
+                                   ("in-prefix-bos", opts.input_prefix_bos),
+                                   ("script", opts.script is not None)) if on]
     rows.append(("modes", ", ".join(modes) or "none"))
     if opts.prompt_file:
         rows.append(("prompt file", opts.prompt_file))
+    elif opts.prompt:
+        rows.append(("prompt", repr(opts.prompt if len(opts.prompt) <= 200 else opts.prompt[:200] + "...")))
     for rp in opts.reverse_prompts:
         rows.append(("reverse prompt", repr(rp)))
     if opts.input_prefix:

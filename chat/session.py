@@ -281,9 +281,14 @@ class ChatSession:
 
     def _fill_run_facts(self) -> None:
         t = self.transcript
+        plan = getattr(self.pipeline, "plan", None)
         t.run = [("ranks", str(len(self.rank_ms) or "?")), ("seed", str(self.seed)),
                  ("context shifts", str(self.state.c.n_shifts)),
                  ("tokens", f"prompt {self.state.c.n_prompt}, generated {self.state.c.n_generated}")]
+        if plan is not None:
+            t.run += [(f"rank {r.rank}", f"{r.host}, layers {r.layers.start}-{r.layers.stop - 1}, "
+                                         f"{r.threads} thread(s)") for r in getattr(plan, "ranks", ())]
+            t.run.insert(0, ("launch", str(getattr(plan, "mode", "?"))))
         t.timings = timings_text(self.timings.as_dict())
 
     def finish(self, interrupted: bool) -> None:
