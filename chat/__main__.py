@@ -1,4 +1,6 @@
 """`python -m chat ...` = the `llama-mpi` console script."""
+from __future__ import annotations
+
 import sys
 
 from .cli import main

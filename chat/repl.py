@@ -3,8 +3,9 @@ pipe (under mpiexec, piped stdin, --simple-io), or a --script file. All three ap
 so a turn means the same whatever the source.
 
 Owns: line editing, history (a file in the user's data directory), the key bindings for `\\`, `/` and
---multiline-input, and the bottom toolbar. It never talks to the pipeline; Ctrl-C at the prompt surfaces
-as KeyboardInterrupt and end of input as None.
+--multiline-input, the bottom toolbar, and the terminal mode while the model generates (Ctrl-C read as a
+byte, see CtrlCWatcher). It never talks to the pipeline; Ctrl-C at the prompt surfaces as
+KeyboardInterrupt and end of input as None.
 """
 from __future__ import annotations
 
