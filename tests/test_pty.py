@@ -155,10 +155,10 @@ def test_mpiexec_plain_mode_reverse_prompt_with_the_chat_file(tmp_path):
 def test_mpiexec_ctrl_c_stops_generation_then_input_continues(tmp_path):
     model = stories_or_skip()
     env, tag = tagged_env(tmp_path)
-    child = spawn(["-m", model, "-i", "-p", "Once upon a time", "-n", "1000", "--ignore-eos", "-c", "4096"],
+    child = spawn(["-m", model, "-i", "-p", "Once upon a time", "-n", "2000", "--ignore-eos", "-c", "4096"],
                   env, mpiexec_n=2)
     child.expect_exact("Once upon a time")
-    read_for(child, 1.0)
+    read_for(child, 0.5)
     child.sendintr()                                        # hydra forwards SIGINT to every rank
     child.expect_exact("Sending Ctrl-C to processes")
     read_for(child, 1.5)
