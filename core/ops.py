@@ -108,9 +108,10 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: int) -> np.ndarr
     qg = q.reshape(T, n_head_kv, n_gqa, head_dim).transpose(1, 2, 0, 3).reshape(n_head_kv, n_gqa * T, head_dim)
     scores = np.matmul(qg, k.transpose(0, 2, 1))                         # (n_head_kv, n_gqa*T, L)
     scores *= np.float32(1.0 / np.sqrt(head_dim))
-    q_pos = np.tile(np.arange(pos, pos + T), n_gqa)                      # (n_gqa*T,) row -> position
-    masked = np.arange(L)[None, :] > q_pos[:, None]                      # (n_gqa*T, L) future keys
-    scores[:, masked] = -np.inf
+    if T > 1:                                                            # one query sees every cached key
+        q_pos = np.tile(np.arange(pos, pos + T), n_gqa)                  # (n_gqa*T,) row -> position
+        future = np.arange(L)[None, :] > q_pos[:, None]                  # (n_gqa*T, L)
+        scores += np.where(future, np.float32(-np.inf), np.float32(0))   # additive causal mask
     probs = softmax(scores, axis=-1)                                     # (n_head_kv, n_gqa*T, L)
     out = np.matmul(probs, v)                                            # (n_head_kv, n_gqa*T, head_dim)
     out = out.reshape(n_head_kv, n_gqa, T, head_dim).transpose(2, 0, 1, 3)   # (T, n_head_kv, n_gqa, D)
