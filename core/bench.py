@@ -129,10 +129,14 @@ def bench_model(type_name: str, threads: int, cache: Path, n_prompt: int, n_deco
     stage = Stage(model, range(model.config.n_layer), embed=True, head=True, n_ctx=n_prompt + n_decode + 8,
                   threads=threads)
     load_s = time.perf_counter() - t0
-    tokens = list(np.random.default_rng(0).integers(3, model.config.n_vocab, n_prompt))
-    t0 = time.perf_counter()
-    logits = stage.eval(tokens, 0)
-    prefill = n_prompt / (time.perf_counter() - t0)
+    tokens = [int(t) for t in np.random.default_rng(0).integers(3, model.config.n_vocab, n_prompt)]
+    best_prefill = float("inf")
+    for _ in range(2):                                      # best of two prompt evaluations
+        stage.kv_clear()
+        t0 = time.perf_counter()
+        logits = stage.eval(tokens, 0)
+        best_prefill = min(best_prefill, time.perf_counter() - t0)
+    prefill = n_prompt / best_prefill
     tok, best = int(np.argmax(logits)), float("inf")
     for i in range(n_decode):
         t = time.perf_counter()
