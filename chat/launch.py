@@ -142,7 +142,39 @@ def _start_single(opts: Any, on_plan: Callable[[Plan], None] | None) -> Pipeline
 
 # ---- the head ------------------------------------------------------------------------------------
 
+class _AbortAtExit:
+    """Armed from the first MPI exchange until the head either owns a pipeline (whose own exit hook
+    takes over) or has stopped every worker cleanly: if the head leaves in between (an unexpected
+    error, Ctrl-C while loading), the MPI job is aborted so that no worker waits forever."""
+
+    def __init__(self, t: Any):
+        self.t, self.armed = t, True
+        atexit.register(self._fire)
+
+    def disarm(self) -> None:
+        self.armed = False
+
+    def _fire(self) -> None:
+        if self.armed:
+            self.t.abort_job(1)
+
+
 def _head(t: Any, opts: Any, mode: str, on_plan: Callable[[Plan], None] | None) -> MpiPipeline:
+    from core.transport import PeerFailed
+    guard = _AbortAtExit(t)
+    try:
+        pipe = _head_setup(t, opts, mode, on_plan, guard)
+    except PeerFailed as exc:                             # a worker died or failed during start-up
+        peer = t.peers[exc.rank] if exc.rank < len(t.peers) else None
+        raise PipelineError(f"rank {exc.rank} ({peer.host if peer else '?'}) failed during start-up: "
+                            f"{exc.what}") from None
+    guard.disarm()
+    atexit.register(_head_at_exit, pipe)
+    return pipe
+
+
+def _head_setup(t: Any, opts: Any, mode: str, on_plan: Callable[[Plan], None] | None,
+                guard: _AbortAtExit) -> MpiPipeline:
     try:
         model = open_model(opts.model)
         n_ctx = opts.n_ctx or model.config.n_ctx_train
@@ -150,6 +182,7 @@ def _head(t: Any, opts: Any, mode: str, on_plan: Callable[[Plan], None] | None) 
     except LlamaMpiError as exc:
         t.bcast_obj({"error": str(exc)})                  # workers stop quietly; the head reports
         t.close()
+        guard.disarm()
         raise
     settings = {"model": os.path.abspath(opts.model), "fingerprint": model.fingerprint(), "n_ctx": n_ctx,
                 "threads": opts.threads, "layers": [(r.start, r.stop) for r in layers],
@@ -157,7 +190,7 @@ def _head(t: Any, opts: Any, mode: str, on_plan: Callable[[Plan], None] | None) 
     t.bcast_obj(settings)
     mine = _rank_plan(model, 0, t.host, layers[0], n_ctx, str(opts.model), opts.threads)
     reports = t.gather_obj({"plan": mine, "error": None})
-    _verdict(t, reports, layers)
+    _verdict(t, reports, layers, guard)
     plan = Plan(mode, str(opts.model), model.config.n_layer, n_ctx, tuple(r["plan"] for r in reports))
     if on_plan:
         on_plan(plan)
@@ -167,22 +200,22 @@ def _head(t: Any, opts: Any, mode: str, on_plan: Callable[[Plan], None] | None) 
     except Exception as exc:                              # noqa: BLE001 - reported like a worker's
         error = _one_line(exc)
     reports = t.gather_obj({"plan": mine, "error": error})
-    _verdict(t, reports, layers)
+    _verdict(t, reports, layers, guard)
     ubatch = os.environ.get(UBATCH_ENV)
     pipe = MpiPipeline(t, stage, layers, ubatch=int(ubatch) if ubatch else None,
                        fault_after=_fault_after(settings["fault"], 0))
     pipe.plan = plan
     _head_signals()
-    atexit.register(_head_at_exit, pipe)
     return pipe
 
 
-def _verdict(t: Any, reports: list[dict], layers: list[range]) -> None:
+def _verdict(t: Any, reports: list[dict], layers: list[range], guard: _AbortAtExit) -> None:
     """Every rank said ok: tell them to go on. Otherwise tell them to stop and raise for the first."""
     bad = [(r, rep) for r, rep in enumerate(reports) if rep["error"]]
     t.bcast_obj("abort" if bad else "go")
     if bad:
         t.close()
+        guard.disarm()
         r, rep = bad[0]
         raise PipelineError(f"rank {r} ({rep['plan'].host}, layers {format_layers(layers[r])}): {rep['error']}")
 
