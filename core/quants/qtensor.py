@@ -166,22 +166,20 @@ class QTensor:
         return out
 
     def _prepare(self, x: np.ndarray) -> tuple:
-        """Per-call forms of x: tile-ordered columns xt, sums per sub-block xs (T, n_sub), and for small
-        T the runs xv (n_runs, T, run) with their sums xr (n_runs, T)."""
+        """Per-call forms of x: tile-ordered (and scaled) columns xt, sums per sub-block xs (T, n_sub),
+        and for small T the runs xv (n_runs, T, run)."""
         T, n_in = x.shape
         xs = x.reshape(T, n_in // self._fmt.sub, self._fmt.sub).sum(axis=2, dtype=np.float32)
         xp = x if self._identity else np.ascontiguousarray(x[:, self._perm])
         xt = xp if self._xfac is None else xp * self._xfac
-        xv = xr = None
+        xv = None
         if T <= SMALL_T:
             xv = np.ascontiguousarray(xt.reshape(T, -1, self._run).transpose(1, 0, 2))
-            if self._fmt.offset:
-                xr = xp.reshape(T, -1, self._run).sum(axis=2, dtype=np.float32).T   # (n_runs, T)
-        return xt, xs, xv, xr
+        return xt, xs, xv
 
     def _quant_rows(self, ctx: tuple, out: np.ndarray, i: int, a: int) -> None:
         """out[:, a:a+R] for row tile i (rows a.., R of them padded to 8) of a block-quantized matrix."""
-        xt, xs, xv, xr = ctx
+        xt, xs, xv = ctx
         fmt, p, run = self._fmt, self._tiles[i], self._run
         T, n_in = xt.shape
         R, blk = p["d"].shape[-1], fmt.block
@@ -210,20 +208,14 @@ class QTensor:
                 f.reshape(*rs, run, R)[...] *= Sr[u0 // U][..., None, :]
                 np.matmul(xt[:, c0:c1], f, out=prod)                   # (T, k) @ (k, R)
                 acc += prod
-        if xv is not None:
-            pr = part.reshape(n_ct, *rs, T, R)
-            if off:
-                pr += off * xr.reshape(n_ct, *rs, T)[..., None]
-            pr *= Sr[..., None, :]
-            acc = part.sum(axis=0)
-            if mins is not None:
-                acc += xs @ mins                                        # (T, n_sub) @ (n_sub, R)
-        else:
-            A = off * S if off else None
-            if mins is not None:
-                A = mins if A is None else A + mins
-            if A is not None:
-                acc += xs @ A
+        if xv is not None:                                              # sum_runs S * part
+            lead = "abcdefg"[:1 + len(rs)]                          # (n_ct, *rs); size-1 dims of Sr broadcast
+            acc = np.einsum(f"{lead}tr,{lead}r->tr", part.reshape(n_ct, *rs, T, R), Sr)
+        A = off * S if off else None                                    # offset and mins act on
+        if mins is not None:                                            # the sums of x per sub-block
+            A = mins if A is None else A + mins
+        if A is not None:
+            acc += xs @ A                                               # (T, n_sub) @ (n_sub, R)
         n = min(R, self.shape[0] - a)
         out[:, a:a + n] = acc[:, :n]
 
