@@ -194,3 +194,27 @@ def _cmdline(pid: int) -> str:
         return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+@pytest.mark.parametrize("spawn", [False, True])
+def test_kill_9_of_the_head_while_idle_takes_every_worker_down(tmp_path, spawn):
+    out = tmp_path / "h.npz"
+    opts = ["-m", model("stories260K")] + (["--np", "3"] if spawn else [])
+    cmd = driver_cmd(out, 4, opts, n_ranks=None if spawn else 3, extra=["--idle", "30"])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "idle"             # set up, waiting "for input"
+        head = proc.pid if spawn else rank_pid(str(out), 0)
+        tree = [p for p in descendants(proc.pid) if p != head]       # workers (and hydra)
+        assert tree
+        os.kill(head, signal.SIGKILL)
+        t0 = time.monotonic()
+        while alive(tree) and time.monotonic() - t0 < 10:
+            time.sleep(0.05)
+        assert not alive(tree)
+        proc.wait(timeout=10)
+        assert proc.returncode != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
