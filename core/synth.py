@@ -94,9 +94,11 @@ def spm_vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
 
 
 def _float_tensor(rng: np.random.Generator, shape: tuple[int, ...], std: float, qtype: QT) -> np.ndarray:
-    """Gaussian weights (n_out, n_in) in F32, F16, or BF16 (raw uint16, round to nearest even)."""
-    w = rng.standard_normal(shape, dtype=np.float32)
-    w *= np.float32(std)
+    """Uniform weights of the given std (n_out, n_in) in F32, F16, or BF16 (raw uint16, round to nearest
+    even). Uniform rather than Gaussian: numpy draws it ~4x faster, which matters for 1-7B shapes."""
+    w = rng.random(shape, dtype=np.float32)
+    w -= np.float32(0.5)
+    w *= np.float32(std * 12 ** 0.5)                                     # U(-a, a) has std a / sqrt(3)
     if qtype == QT.F16:
         return w.astype(np.float16)
     if qtype == QT.BF16:
