@@ -207,7 +207,7 @@ class CtrlCWatcher:
 
 def make_ctrl_c_watcher(opts) -> CtrlCWatcher | None:
     """A watcher when rank 0 reads a real terminal outside mpiexec (under mpiexec, hydra owns Ctrl-C)."""
-    if under_mpiexec() or not sys.stdin.isatty() or opts.script is not None:
+    if under_mpiexec() or not sys.stdin.isatty():
         return None
     try:
         return CtrlCWatcher(sys.stdin.fileno())
