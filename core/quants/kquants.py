@@ -96,6 +96,10 @@ class Q2_K(BlockFormat):
         return -_d_times(p, "dmin", p["sc"][u0:u1, :, r0:r1] >> 4, u0, u1, r0, r1)
 
 
+_Q3_SHIFTS = np.array([[2, 3, 4, 3], [2, 1, 0, 1]], dtype=U64)[:, :, None, None, None]
+_Q3_MASKS = np.array([0x04, 0x10, 0x40, 0x40], dtype=U64)[:, None, None, None] * U64(0x0101010101010101)
+
+
 class Q3_K(BlockFormat):
     """110 bytes / 256: hmask[32] | qs[64] (low 2 bits) | scales[12] (16 x 6 bits) | d f16.
     Weight 128n+32j+l = d*(sc[s]-32) * (low2 - (0 if hmask[l] bit (4n+j) else 4)).
@@ -131,11 +135,15 @@ class Q3_K(BlockFormat):
         U, R = u1 - u0, r1 - r0
         t = tmp.reshape(4, U, 2, 32, R)                         # (j, U, n, l, R): weight 128n+32j+l
         crumbs_in_place(p["qs"][u0:u1, :, r0:r1].reshape(U, 2, 32, R), t)   # field j times 1, 4, 16, 16
-        hm = p["hm"][u0:u1, :, r0:r1]                           # (U, 32, R)
-        scratch = np.empty((U, 32, R), dtype=np.uint8)
-        for n in range(2):
-            for j in range(4):                                  # high bit = 4 * (field's scale)
-                or_bit(hm, 4 * n + j, t[j, :, n], (2, 4, 6, 6)[j], scratch)
+        # hmask bit 4n+j of byte l -> bit (2, 4, 6, 6)[j] (4 x the field's scale) of t[j, :, n, l]:
+        # a left shift by (2, 3, 4, 3)[j] for n = 0, a right shift by (2, 1, 0, 1)[j] for n = 1
+        hm = as_u64(p["hm"][u0:u1, :, r0:r1])[None]              # (1, U, 32, R/8)
+        h = np.empty((4, U, 32, R // 8), dtype=U64)
+        for n, shift in ((0, np.left_shift), (1, np.right_shift)):
+            shift(hm, _Q3_SHIFTS[n], out=h)
+            np.bitwise_and(h, _Q3_MASKS, out=h)
+            d = as_u64(t[:, :, n])                              # (4, U, 32, R/8)
+            np.bitwise_or(d, h, out=d)
         np.copyto(out, tmp, casting="unsafe")
 
     def scales(self, p, u0, u1, r0, r1):
