@@ -31,6 +31,14 @@ def tolerance(case: dict) -> tuple[float, float]:
 _stages: dict[str, Stage] = {}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _drop_stages():
+    yield
+    for stage in _stages.values():
+        stage.close()
+    _stages.clear()
+
+
 def stage_for(fixtures, case: dict) -> Stage:
     """One full-model stage per case, shared by the tests of that case (cache cleared by each test)."""
     if case["id"] not in _stages:
