@@ -8,6 +8,7 @@ It must not compute anything or copy tensor data: callers touch only the tensors
 from __future__ import annotations
 
 import hashlib
+import math
 import mmap
 import struct
 from pathlib import Path
@@ -125,7 +126,7 @@ def _check_layout(path: Path, size: int) -> int:
         except _Truncated:
             raise ModelFileError(f"{path}: truncated file: the header ends past the end of the file "
                                  f"({size} bytes)") from None
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise ModelFileError(f"{path}: corrupt GGUF header: {exc}") from None
         if alignment <= 0 or alignment & (alignment - 1):
             raise ModelFileError(f"{path}: corrupt GGUF header: alignment {alignment} is not a power of two")
@@ -136,7 +137,7 @@ def _check_layout(path: Path, size: int) -> int:
             block, type_size = GGML_QUANT_SIZES[qtype]
         except (ValueError, KeyError):
             raise UnsupportedModelError(f"{path}: tensor '{name}' has unknown type id {type_id}") from None
-        n_elems = int(np.prod(dims, dtype=np.uint64)) if dims else 1
+        n_elems = math.prod(dims)                                        # exact: no uint64 wrap-around
         if dims and dims[0] % block:
             raise ModelFileError(f"{path}: tensor '{name}' row of {dims[0]} values is not a whole number "
                                  f"of {qtype.name} blocks of {block}")
