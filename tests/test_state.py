@@ -254,3 +254,9 @@ def test_input_that_cannot_fit_after_keeping_the_prompt_is_cut():
     assert not any(isinstance(r, Shift) for r in log)
     assert Print("<<input too long: skipped 6 tokens>>", "error") in log
     assert evals(log)[-1] == ids("01234") and state.c.n_past == 16
+
+
+def test_prefix_and_suffix_parse_special_tokens_but_user_text_does_not():
+    state = make(opts("--interactive-first", "--in-prefix", "<s>U:", "--in-suffix", "</s>"), "a")
+    log = drive(state, [], ["<s>\n"])
+    assert evals(log)[-1] == [BOS] + ids("U:") + ids("<s>\n") + [EOS]
