@@ -257,6 +257,6 @@ def test_input_that_cannot_fit_after_keeping_the_prompt_is_cut():
 
 
 def test_prefix_and_suffix_parse_special_tokens_but_user_text_does_not():
-    state = make(opts("--interactive-first", "--in-prefix", "<s>U:", "--in-suffix", "</s>"), "a")
+    state = make(opts("--interactive-first", "--in-prefix", "<s>U:", "--in-suffix", "</s>A:"), "a")
     log = drive(state, [], ["<s>\n"])
-    assert evals(log)[-1] == [BOS] + ids("U:") + ids("<s>\n") + [EOS]
+    assert evals(log)[-1] == [BOS] + ids("U:") + ids("<s>\n") + [EOS] + ids("A:")
