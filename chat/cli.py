@@ -182,7 +182,7 @@ def run_head(opts: ChatOptions, pipeline, prepared: Prepared, ui: Renderer, bann
     session = ChatSession(opts, pipeline, tokenizer, ui, reader, prompt=prepared.prompt,
                           reverse_prompts=prepared.reverse_prompts, input_prefix=prepared.input_prefix,
                           input_suffix=prepared.input_suffix, transcript=transcript, load_ms=load_ms,
-                          keys=make_ctrl_c_watcher(opts))
+                          keys=make_ctrl_c_watcher(opts, reader))
     if banner:
         ui.info(banner)
     print_preamble(opts, session, ui, prepared)

@@ -40,18 +40,28 @@ class PlainReader:
         echo: print each turn (input piped from a file: the terminal did not show it).
     """
 
+    ctrl_c_ends_line = False      # set when a CtrlCWatcher reads the terminal: Ctrl-C arrives as "\x03"
+
     def __init__(self, stream: TextIO, ui: Renderer, multiline: bool, echo: bool):
         self.stream = stream
         self.ui = ui
         self.multiline = multiline
         self.echo = echo
 
+    def _line(self) -> str:
+        if not self.ctrl_c_ends_line:
+            return self.stream.readline()
+        # canonical terminal with Ctrl-C as an end-of-line byte: one read() is one line
+        return os.read(self.stream.fileno(), 65536).decode("utf-8", errors="replace")
+
     def read_turn(self, session: "ChatSession", instruct: bool) -> str | None:
         lines = LineAssembler(self.multiline)
         self.ui.begin_user_input()
         try:
             while True:
-                raw = self.stream.readline()
+                raw = self._line()
+                if "\x03" in raw:
+                    raise KeyboardInterrupt
                 if not raw:                          # end of input: what was typed so far, then None
                     turn = lines.finish()
                     break
@@ -183,12 +193,20 @@ class CtrlCWatcher:
         termios.tcsetattr(self.fd, termios.TCSANOW, attrs)
         self.active = True
 
-    def pause(self) -> None:
-        """Back to the terminal as it was (before reading a turn, and at exit)."""
+    def pause(self, line_reader: bool = False) -> None:
+        """Back to the terminal as it was (before reading a turn, and at exit).
+
+        line_reader: a plain line reader follows; keep signals off but let Ctrl-C end the line (VEOL),
+            so that it still never reaches the process manager.
+        """
         import termios
         if not self.active:
             return
-        termios.tcsetattr(self.fd, termios.TCSANOW, self._saved)
+        attrs = [list(a) if isinstance(a, list) else a for a in self._saved]
+        if line_reader:
+            attrs[3] &= ~termios.ISIG
+            attrs[6][termios.VEOL] = b"\x03"
+        termios.tcsetattr(self.fd, termios.TCSANOW, attrs)
         self.active = False
 
     def poll(self) -> int:
@@ -205,11 +223,14 @@ class CtrlCWatcher:
         return presses
 
 
-def make_ctrl_c_watcher(opts) -> CtrlCWatcher | None:
+def make_ctrl_c_watcher(opts, reader=None) -> CtrlCWatcher | None:
     """A watcher when rank 0 reads a real terminal outside mpiexec (under mpiexec, hydra owns Ctrl-C)."""
     if under_mpiexec() or not sys.stdin.isatty():
         return None
     try:
-        return CtrlCWatcher(sys.stdin.fileno())
+        watcher = CtrlCWatcher(sys.stdin.fileno())
     except (OSError, ValueError, ImportError):
         return None
+    if isinstance(reader, PlainReader):
+        reader.ctrl_c_ends_line = True
+    return watcher

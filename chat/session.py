@@ -219,7 +219,7 @@ class ChatSession:
             self.interrupts = 0
             self.reading = True
             if self.keys is not None:
-                self.keys.pause()
+                self.keys.pause(line_reader=getattr(self.reader, "ctrl_c_ends_line", False))
             try:
                 text = self.reader.read_turn(self, instruct)
             except KeyboardInterrupt:

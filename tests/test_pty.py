@@ -244,3 +244,22 @@ def test_a_tiny_terminal_does_not_break_the_chat(tmp_path):
     child.sendcontrol("d")
     assert finish(child) == 0
     assert_no_rank_left(tag)
+
+
+def test_spawn_plain_line_reader_on_a_terminal_keeps_ctrl_c_from_the_process_manager(tmp_path):
+    model = stories_or_skip()
+    env, tag = tagged_env(tmp_path)
+    child = spawn(["-m", model, "--np", "2", "--simple-io", "--interactive-first", "-p", "Once", "-n", "2000"],
+                  env)
+    wait_all(child, ["Ctrl-D quits", " Once"])
+    time.sleep(0.5)
+    child.sendline("The cat")
+    read_for(child, 1.0)
+    child.sendintr()                                        # stop generating: the prompt is back
+    read_for(child, 1.0)
+    child.send("half a line")
+    child.sendintr()                                        # at the prompt: timings, 130, every rank gone
+    child.expect_exact("total time")
+    assert "Sending Ctrl-C" not in child.before
+    assert finish(child) == 130
+    assert_no_rank_left(tag)
