@@ -139,6 +139,8 @@ class Stage:
         if not self.has_embed or self.token_embd is None:
             raise ValueError("this stage was built without the token embedding (embed=False)")
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1)             # (T,)
+        if ids.size == 0:
+            raise ValueError("no tokens to embed")
         bad = ids[(ids < 0) | (ids >= self.config.n_vocab)]
         if bad.size:
             raise TokenizerError(f"token id {int(bad[0])} is out of range [0, {self.config.n_vocab})")

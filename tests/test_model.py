@@ -118,6 +118,8 @@ def test_errors(tiny):
         s.eval([3], 5)                                                   # must continue at n_past = 2
     with pytest.raises(TokenizerError):
         s.embed([tiny.config.n_vocab])
+    with pytest.raises(ValueError):
+        s.eval([], 2)
     body = Stage(tiny, range(1, 2), embed=False, head=False, n_ctx=8)
     with pytest.raises(ValueError):
         body.embed([1])
