@@ -6,6 +6,10 @@ busy-poll, which on a 2-core machine steals the computing rank's core). While it
 watches for trouble: a worker watches its control channel for the head's Abort; the head watches a
 report channel on which a failing worker sends one pickled line; both check that same-host peers are
 still alive. It knows nothing about models or layers (core/pipeline.py decides what to send).
+
+The head "broadcasts" a control frame by sending it to each worker point to point, in order: a posted
+receive can be tested, cancelled and mixed with the Abort channel, where a pending MPI_Ibcast can do
+none of that (and a blocking Bcast busy-polls). With a few ranks the fan-out costs microseconds.
 """
 from __future__ import annotations
 
