@@ -114,8 +114,9 @@ class QTensor:
         else:
             self._fmt = FORMATS[self.qtype]
             rows = np.asarray(data).view(np.uint8).reshape(n_out, -1)
-            self._tiles = [repack_blocks(self._fmt, rows[a:a + ROW_TILE], len(rows[a:a + ROW_TILE]), n_in)
-                           for a in range(0, n_out, ROW_TILE)]        # each tile contiguous, rows last
+            rt = self._row_tile = ROW_TILE
+            self._tiles = [repack_blocks(self._fmt, rows[a:a + rt], len(rows[a:a + rt]), n_in)
+                           for a in range(0, n_out, rt)]              # each tile contiguous, rows last
             self._rows = None
             self._plan_columns()
         self._n8 = -(-n_out // 8) * 8
@@ -124,7 +125,7 @@ class QTensor:
         """Column tiles (units [u0, u1)) and the tile-order permutation of the input columns."""
         fmt, n_in = self._fmt, self.shape[1]
         n_units = n_in // fmt.block
-        target = max(1, TILE_ELEMS // (min(ROW_TILE, -(-self.shape[0] // 8) * 8) * fmt.block))
+        target = max(1, TILE_ELEMS // (min(self._row_tile, -(-self.shape[0] // 8) * 8) * fmt.block))
         per = max(d for d in range(1, target + 1) if n_units % d == 0)  # equal column tiles
         self._per = per
         self._cols = [(u0, min(u0 + per, n_units)) for u0 in range(0, n_units, per)]
@@ -151,16 +152,17 @@ class QTensor:
         out = np.empty((x.shape[0], self.shape[0]), dtype=np.float32)
         if x.shape[0] == 0:
             return out
+        n_out = self.shape[0]
         if self._fmt is None:
-            tile = max(8, TILE_ELEMS // self.shape[1] // 8 * 8)
+            if self.qtype == QT.F32:                   # already float32: one BLAS call per thread
+                tile = n_out if pool is None else max(8, -(-n_out // 4))
+            else:                                      # widened tile by tile
+                tile = max(8, TILE_ELEMS // self.shape[1] // 8 * 8)
             work, ctx = self._float_rows, x
+            bounds = [(a, min(a + tile, n_out)) for a in range(0, n_out, tile)]
         else:
-            tile = 0
             work, ctx = self._quant_rows, self._prepare(x)
-        if self._fmt is None:
-            bounds = [(a, min(a + tile, self.shape[0])) for a in range(0, self.shape[0], tile)]
-        else:
-            bounds = [(i, i * ROW_TILE) for i in range(len(self._tiles))]
+            bounds = [(i, i * self._row_tile) for i in range(len(self._tiles))]
         if pool is None or len(bounds) == 1:
             for a, b in bounds:
                 work(ctx, out, a, b)
@@ -244,9 +246,10 @@ class QTensor:
         if self._fmt is None:
             return np.array(widen(self.qtype, self._rows[ids]), dtype=np.float32)
         out = np.empty((ids.size, self.shape[1]), dtype=np.float32)
-        for i in np.unique(ids // ROW_TILE):
-            sel = np.nonzero(ids // ROW_TILE == i)[0]
-            local = ids[sel] - i * ROW_TILE
+        rt = self._row_tile
+        for i in np.unique(ids // rt):
+            sel = np.nonzero(ids // rt == i)[0]
+            local = ids[sel] - i * rt
             idx = np.concatenate([local, np.zeros(-(-sel.size // 8) * 8 - sel.size, dtype=np.int64)])
             p = self._fmt.take_rows(self._tiles[i], idx)
             out[sel] = reconstruct(self._fmt, p, self.shape[1], sel.size)
