@@ -63,19 +63,23 @@ def test_metadata_and_tensor_views(fixtures):
 
 
 @pytest.mark.parametrize("name", ["llama-2-tiny-random.gguf", "stories260K.gguf", "fx256-iq4_xs.gguf"])
-def test_reader_metadata_equals_gguf_readers(fixtures, name):
-    """Our reader parses metadata arrays lazily; every field must read exactly as gguf's own reader."""
-    ours = open_model(fixtures / "models" / name).reader
+def test_metadata_and_tensors_equal_gguf_readers(fixtures, name):
+    """Our parser keeps string arrays lazy; every key and tensor must read exactly as gguf's own reader."""
+    m = open_model(fixtures / "models" / name)
     ref = GGUFReader(fixtures / "models" / name)
-    assert list(ours.fields) == list(ref.fields)
+    header = {k: ref.fields.pop(k).contents() for k in ("GGUF.version", "GGUF.tensor_count", "GGUF.kv_count")}
+    assert header == {"GGUF.version": m.reader.version, "GGUF.tensor_count": len(m.reader.tensors),
+                      "GGUF.kv_count": len(m.reader.metadata)}
+    assert list(m.reader.metadata) == list(ref.fields)
     for key, field in ref.fields.items():
-        mine = ours.fields[key]
-        assert mine.contents() == field.contents(), key
-        assert int(mine.types[0]) == int(field.types[0]), key
+        assert m.get(key) == field.contents(), key
         if field.types[0] == GGUFValueType.ARRAY and field.types[-1] == GGUFValueType.STRING:
-            assert len(mine.data) == len(field.data) and len(mine.parts) == len(field.parts), key
-            assert [mine.parts[i].tobytes() for i in mine.data] == [field.parts[i].tobytes() for i in field.data]
-    assert [(t.name, t.data_offset) for t in ours.tensors] == [(t.name, t.data_offset) for t in ref.tensors]
+            assert m.reader.metadata[key][:] == [field.parts[i].tobytes() for i in field.data], key
+    assert [(t.name, t.data_offset) for t in m.reader.tensors] == [(t.name, t.data_offset) for t in ref.tensors]
+    for t, r in zip(m.reader.tensors, ref.tensors):
+        assert (t.tensor_type, t.shape, t.n_bytes) == (r.tensor_type, tuple(r.shape.tolist()), r.n_bytes), t.name
+        assert t.data.dtype == r.data.dtype and t.data.shape == r.data.shape, t.name
+        assert np.array_equal(t.data, r.data), t.name
 
 
 def test_fingerprint_is_stable_and_tells_files_apart(fixtures, tmp_path):
