@@ -2,7 +2,7 @@
 
 Owns: the public API (contract in shared/contracts.md) and the glue between special-token splitting,
 the SPM or BPE encoder, BOS/EOS and the SPM leading-space rule. Must not read files itself beyond
-handing a path to core/tokenizer/gguf_meta.py.
+handing a path or an open file to core/tokenizer/gguf_meta.py.
 """
 from __future__ import annotations
 
@@ -38,8 +38,9 @@ class Tokenizer:
 
     @classmethod
     def from_reader(cls, reader: Any) -> Tokenizer:
-        """From an open `gguf.GGUFReader` (its metadata fields; nothing is re-read from disk)."""
-        return cls.from_metadata(metadata_from_reader(reader, _PREFIX), str(getattr(reader, "path", "<gguf>")))
+        """From an open GGUF: a core.gguf_file.GGUFFile (its parsed metadata) or a `gguf.GGUFReader`."""
+        source = getattr(reader, "path", None) or getattr(getattr(reader, "data", None), "filename", "<gguf>")
+        return cls.from_metadata(metadata_from_reader(reader, _PREFIX), str(source))
 
     @classmethod
     def from_path(cls, path: str | Path) -> Tokenizer:
