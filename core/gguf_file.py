@@ -19,19 +19,29 @@ import mmap
 import struct
 from array import array
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
-from gguf.constants import GGUF_MAGIC, GGUFValueType as VT
 
 from .errors import ModelFileError, UnsupportedModelError
 
+if TYPE_CHECKING:
+    from gguf import GGMLQuantizationType
+
+# The GGUF spec's numbers (gguf.constants has them too, but importing gguf costs ~0.1 s, which reading a
+# vocabulary should not pay: gguf is imported only when a tensor table is read).
+GGUF_MAGIC = 0x46554747                     # b"GGUF" read as little-endian u32
 VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 _MAX_COUNT = 1 << 40        # larger tensor/key/array counts can only come from a corrupt header
 _MAX_DEPTH = 8              # arrays of arrays nested deeper than this: corrupt (real files never nest)
 _MAX_DIMS = 4               # GGML_MAX_DIMS
+
+class VT:
+    """GGUF metadata value types (= gguf.GGUFValueType)."""
+    UINT8, INT8, UINT16, INT16, UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY, UINT64, INT64, FLOAT64 = range(13)
+
+
 _U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
 _SCALARS = {VT.UINT8: struct.Struct("<B"), VT.INT8: struct.Struct("<b"), VT.UINT16: struct.Struct("<H"),
             VT.INT16: struct.Struct("<h"), VT.UINT32: _U32, VT.INT32: struct.Struct("<i"),
@@ -42,9 +52,9 @@ _DTYPES = {VT.UINT8: np.dtype("<u1"), VT.INT8: np.dtype("<i1"), VT.UINT16: np.dt
            VT.FLOAT32: np.dtype("<f4"), VT.BOOL: np.dtype("<u1"), VT.UINT64: np.dtype("<u8"),
            VT.INT64: np.dtype("<i8"), VT.FLOAT64: np.dtype("<f8")}
 _MIN_ITEM = {**{t: s.size for t, s in _SCALARS.items()}, VT.STRING: 8, VT.ARRAY: 12}
-# Tensor types whose data is a plain numpy array; every other type is viewed as uint8 rows of blocks.
-_PLAIN = {QT.F32: np.float32, QT.F16: np.float16, QT.F64: np.float64, QT.I8: np.int8, QT.I16: np.int16,
-          QT.I32: np.int32, QT.I64: np.int64}
+# Tensor types (by name) whose data is a plain numpy array; every other type is uint8 rows of blocks.
+_PLAIN = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "I16": np.int16,
+          "I32": np.int32, "I64": np.int64}
 
 
 class _Truncated(Exception):
@@ -125,20 +135,32 @@ class _Cursor:
         return [self.value(itype, key, depth + 1) for _ in range(count)]
 
     def strings(self, count: int) -> StringArray | list[bytes]:
-        """`count` x (u64 length, bytes): a plain loop, the hot spot of a Llama 3 vocab (400k strings)."""
-        buf, pos, end, unpack, lazy = self.buf, self.pos, self.end, _U64.unpack_from, self.lazy
-        out: Any = array("q") if lazy else []
+        """`count` x (u64 length, bytes): plain loops, the hot spot of a Llama 3 vocab (400k strings)."""
+        buf, pos, end, unpack = self.buf, self.pos, self.end, _U64.unpack_from
+        if self.lazy:
+            offsets = array("q")                                         # (count,) where each length is
+            for _ in range(count):
+                if pos + 8 > end:
+                    raise _Truncated
+                offsets.append(pos)
+                pos += 8 + unpack(buf, pos)[0]
+                if pos > end:
+                    raise _Truncated
+            self.pos = pos
+            return StringArray(buf, offsets)
+        out: list[bytes] = []
         append = out.append
         for _ in range(count):
             if pos + 8 > end:
                 raise _Truncated
-            n = unpack(buf, pos)[0]
-            if n > end - pos - 8:
+            (n,) = unpack(buf, pos)
+            pos += 8
+            if pos + n > end:
                 raise _Truncated
-            append(pos if lazy else buf[pos + 8:pos + 8 + n])
-            pos += 8 + n
+            append(buf[pos:pos + n])
+            pos += n
         self.pos = pos
-        return StringArray(buf, out) if lazy else out
+        return out
 
 
 class _Layout(NamedTuple):
@@ -196,7 +218,7 @@ class Tensor(NamedTuple):
     """One tensor of the file (the fields of gguf's ReaderTensor that we use)."""
 
     name: str
-    tensor_type: QT
+    tensor_type: GGMLQuantizationType
     shape: tuple[int, ...]      # GGUF order: shape[0] is the row length (numpy's shape reversed)
     n_elements: int
     n_bytes: int
@@ -206,6 +228,8 @@ class Tensor(NamedTuple):
 
 def _tensors(infos: list, data: np.ndarray, data_start: int, source: str) -> list[Tensor]:
     """Check each tensor's type and extent against the file and make its view of the mapping."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT      # here: see GGUF_MAGIC above
+
     size, out, seen = len(data), [], set()
     for name, dims, type_id, offset in infos:
         if name in seen:
@@ -227,8 +251,8 @@ def _tensors(infos: list, data: np.ndarray, data_start: int, source: str) -> lis
             raise ModelFileError(f"{source}: truncated file: tensor '{name}' data ends at byte "
                                  f"{start + n_bytes}, past the end of the file ({size} bytes)")
         np_shape = tuple(reversed(dims))
-        if qtype in _PLAIN:
-            view = data[start:start + n_bytes].view(_PLAIN[qtype]).reshape(np_shape)
+        if qtype.name in _PLAIN:
+            view = data[start:start + n_bytes].view(_PLAIN[qtype.name]).reshape(np_shape)
         else:                                                            # (..., rows, row bytes) uint8
             view = data[start:start + n_bytes].reshape(*np_shape[:-1], row // block * type_size)
         out.append(Tensor(name, qtype, tuple(dims), n_elems, n_bytes, start, view))
