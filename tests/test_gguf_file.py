@@ -196,18 +196,21 @@ def test_read_metadata_does_not_read_the_tensor_table(tmp_path):
 
 def test_every_cut_inside_the_header_is_truncated(tmp_path):
     """Cutting a small file at every byte of its header: `truncated` (or `not a GGUF` under 24 bytes)."""
+    # the string array comes last, so a cut inside its last string has no later read to trip on
     kvs = [kv("general.architecture", VT.STRING, s("llama")), kv("n", VT.UINT64, struct.pack("<Q", 9)),
-           kv("v", VT.ARRAY, struct.pack("<IQ", VT.STRING, 3) + s("ab") + s("") + s("cde")),
-           kv("f", VT.ARRAY, struct.pack("<IQ3f", VT.FLOAT32, 3, 1, 2, 3))]
+           kv("f", VT.ARRAY, struct.pack("<IQ3f", VT.FLOAT32, 3, 1, 2, 3)),
+           kv("v", VT.ARRAY, struct.pack("<IQ", VT.STRING, 3) + s("ab") + s("") + s("cde"))]
     head = pack(kvs, [tinfo("a", [8]), tinfo("b", [8, 2], offset=32)], data=96)
     path = tmp_path / "whole.gguf"
     path.write_bytes(head)
     assert [t.name for t in open_gguf(path).tensors] == ["a", "b"]
     kv_end = 24 + sum(map(len, kvs))
-    for n in range(len(head) - 96):                                      # every cut before the padding
+    for n in range(len(head) - 96):                                      # every cut before the data
         path.write_bytes(head[:n])
         with pytest.raises(ModelFileError, match="not a GGUF" if n < 24 else "truncated"):
             open_gguf(path)
         if n < kv_end:
             with pytest.raises(ModelFileError, match="not a GGUF" if n < 24 else "truncated"):
                 read_metadata(path)
+            with pytest.raises(ModelFileError, match="not a GGUF" if n < 24 else "truncated"):
+                metadata_from_buffer(head[:n], "cut")
