@@ -72,7 +72,7 @@ def test_metadata_and_tensors_equal_gguf_readers(fixtures, name):
                       "GGUF.kv_count": len(m.reader.metadata)}
     assert list(m.reader.metadata) == list(ref.fields)
     for key, field in ref.fields.items():
-        assert m.get(key) == field.contents(), key
+        assert m.get(key) == field.contents() and type(m.get(key)) is type(field.contents()), key
         if field.types[0] == GGUFValueType.ARRAY and field.types[-1] == GGUFValueType.STRING:
             assert m.reader.metadata[key][:] == [field.parts[i].tobytes() for i in field.data], key
     assert [(t.name, t.data_offset) for t in m.reader.tensors] == [(t.name, t.data_offset) for t in ref.tensors]
