@@ -23,7 +23,6 @@ class Op(IntEnum):
     STATS = 5         # send RankStats to the head
     SHUTDOWN = 6      # clean exit (status 0)
     ABORT = 7         # the head gave up: exit now (status 1)
-    START = 8         # setup verdict: every rank agreed, load and serve
 
 
 @dataclass(frozen=True)
@@ -100,15 +99,7 @@ class Abort:
         return (self.rank,)
 
 
-@dataclass(frozen=True)
-class Start:
-    op = Op.START
-
-    def args(self) -> tuple[int, ...]:
-        return ()
-
-
-Message = Eval | KvClear | KvTruncate | KvShift | Stats | Shutdown | Abort | Start
+Message = Eval | KvClear | KvTruncate | KvShift | Stats | Shutdown | Abort
 
 _DECODERS = {
     Op.EVAL: lambda a: Eval(int(a[0]), int(a[1]), int(a[2]), bool(a[3])),
@@ -118,7 +109,6 @@ _DECODERS = {
     Op.STATS: lambda a: Stats(),
     Op.SHUTDOWN: lambda a: Shutdown(),
     Op.ABORT: lambda a: Abort(int(a[0])),
-    Op.START: lambda a: Start(),
 }
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.control import (FRAME_LEN, Abort, Eval, KvClear, KvShift, KvTruncate, Op, Shutdown, Start,
-                          Stats, decode, encode)
+from core.control import (FRAME_LEN, Abort, Eval, KvClear, KvShift, KvTruncate, Op, Shutdown, Stats,
+                          decode, encode)
 from core.errors import ContextOverflowError, TokenizerError
 from core.loader import open_model
 from core.model import Stage
@@ -16,7 +16,7 @@ from mpi_helpers import model
 
 @pytest.mark.parametrize("msg", [
     Eval(256, 17, 32, True), Eval(1, 0, 1, False), KvClear(), KvTruncate(9), KvShift(5, 100), Stats(),
-    Shutdown(), Abort(3), Abort(), Start(),
+    Shutdown(), Abort(3), Abort(),
 ])
 def test_frames_round_trip(msg):
     frame = encode(msg, seq=41)
