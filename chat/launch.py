@@ -73,7 +73,8 @@ def launch_mode(opts: Any) -> str:
 
 def start_cluster(opts: Any, on_plan: Callable[[Plan], None] | None = None) -> Pipeline | None:
     """Start the pipeline for these options. The head gets a Pipeline (with `.plan`); a worker rank
-    serves until shutdown and returns None after a clean shutdown (it exits 1 itself after a failure).
+    serves until the head shuts the cluster down and returns None (the caller exits 0: after a failure
+    the head's status is the job's, or the head has aborted the job).
 
     `on_plan` (optional) is called with the plan once every rank agreed and before anything loads.
     """
