@@ -54,10 +54,18 @@ def crumb_order(U: int) -> np.ndarray:
     return (u * 256 + n * 128 + j * 32 + l).reshape(-1)
 
 
-def _d_times(p: dict, key: str, small: np.ndarray, u0: int, u1: int, r0: int, r1: int) -> np.ndarray:
-    """p[key][u, r] * small[u, s, r] in float32 -> (U*nsub, R): the effective sub-block scales."""
+def _d_times(p: dict, key: str, small: np.ndarray, u0: int, u1: int, r0: int, r1: int,
+             out: np.ndarray | None = None, neg: bool = False) -> np.ndarray:
+    """p[key][u, r] * small[u, s, r] in float32 -> (U*nsub, R): the effective sub-block scales (negated
+    when neg). Written into `out` when given (one fused pass, no temporaries)."""
     d = p[key][u0:u1, None, r0:r1]                              # (U, 1, R)
-    return (d * small.astype(np.float32)).reshape(-1, r1 - r0)
+    if out is None:
+        out = np.empty((small.shape[0] * small.shape[1], r1 - r0), dtype=np.float32)
+    o3 = out.reshape(small.shape)
+    np.multiply(d, small, out=o3)                               # the f32 loop (small is cast exactly)
+    if neg:
+        np.negative(o3, out=o3)
+    return out
 
 
 class Q2_K(BlockFormat):
@@ -89,11 +97,11 @@ class Q2_K(BlockFormat):
         crumbs_in_place(p["qs"][u0:u1, :, r0:r1].reshape(U, 2, 32, R), tmp.reshape(4, U, 2, 32, R), top=4)
         np.copyto(out, tmp, casting="unsafe")
 
-    def scales(self, p, u0, u1, r0, r1):
-        return _d_times(p, "d", p["sc"][u0:u1, :, r0:r1] & 0x0F, u0, u1, r0, r1)
+    def scales(self, p, u0, u1, r0, r1, out=None):
+        return _d_times(p, "d", p["sc"][u0:u1, :, r0:r1] & 0x0F, u0, u1, r0, r1, out)
 
-    def mins(self, p, u0, u1, r0, r1):
-        return -_d_times(p, "dmin", p["sc"][u0:u1, :, r0:r1] >> 4, u0, u1, r0, r1)
+    def mins(self, p, u0, u1, r0, r1, out=None):
+        return _d_times(p, "dmin", p["sc"][u0:u1, :, r0:r1] >> 4, u0, u1, r0, r1, out, neg=True)
 
 
 _Q3_SHIFTS = np.array([[2, 3, 4, 3], [2, 1, 0, 1]], dtype=U64)[:, :, None, None, None]
@@ -146,8 +154,8 @@ class Q3_K(BlockFormat):
             np.bitwise_or(d, h, out=d)
         np.copyto(out, tmp, casting="unsafe")
 
-    def scales(self, p, u0, u1, r0, r1):
-        return _d_times(p, "d", p["sc"][u0:u1, :, r0:r1], u0, u1, r0, r1)
+    def scales(self, p, u0, u1, r0, r1, out=None):
+        return _d_times(p, "d", p["sc"][u0:u1, :, r0:r1], u0, u1, r0, r1, out)
 
 
 class Q4_K(BlockFormat):
@@ -186,11 +194,11 @@ class Q4_K(BlockFormat):
         split_nibbles16(p["qs"][u0:u1, :, r0:r1].reshape(U, 4, 32, R), t[0], t[1])
         np.copyto(out, tmp, casting="unsafe")
 
-    def scales(self, p, u0, u1, r0, r1):
-        return _d_times(p, "d", p["sc"][u0:u1, :, r0:r1], u0, u1, r0, r1)
+    def scales(self, p, u0, u1, r0, r1, out=None):
+        return _d_times(p, "d", p["sc"][u0:u1, :, r0:r1], u0, u1, r0, r1, out)
 
-    def mins(self, p, u0, u1, r0, r1):
-        return -_d_times(p, "dmin", p["m"][u0:u1, :, r0:r1], u0, u1, r0, r1)
+    def mins(self, p, u0, u1, r0, r1, out=None):
+        return _d_times(p, "dmin", p["m"][u0:u1, :, r0:r1], u0, u1, r0, r1, out, neg=True)
 
 
 class Q5_K(Q4_K):
@@ -241,8 +249,8 @@ class Q6_K(BlockFormat):
     def codes(self, p, u0, u1, r0, r1, out, tmp):
         np.copyto(out.reshape(u1 - u0, 256, r1 - r0), p["q"][u0:u1, :, r0:r1], casting="unsafe")
 
-    def scales(self, p, u0, u1, r0, r1):
-        return _d_times(p, "d", p["sc"][u0:u1, :, r0:r1], u0, u1, r0, r1)
+    def scales(self, p, u0, u1, r0, r1, out=None):
+        return _d_times(p, "d", p["sc"][u0:u1, :, r0:r1], u0, u1, r0, r1, out)
 
 
 class IQ4_XS(PairedMixin, BlockFormat):
@@ -268,5 +276,5 @@ class IQ4_XS(PairedMixin, BlockFormat):
     def codes(self, p, u0, u1, r0, r1, out, tmp):
         iq4_codes(p["qp"], u0, u1, r0, r1, out)
 
-    def scales(self, p, u0, u1, r0, r1):
-        return _d_times(p, "d", p["sc"][u0:u1, :, r0:r1], u0, u1, r0, r1)
+    def scales(self, p, u0, u1, r0, r1, out=None):
+        return _d_times(p, "d", p["sc"][u0:u1, :, r0:r1], u0, u1, r0, r1, out)

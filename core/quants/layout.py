@@ -84,12 +84,12 @@ class BlockFormat:
         of order(U); tmp is a uint8 scratch of the same shape."""
         raise NotImplementedError
 
-    def scales(self, p: dict, u0: int, u1: int, r0: int, r1: int) -> np.ndarray:
-        """S of the tile: (U*nsub, R) float32."""
+    def scales(self, p: dict, u0: int, u1: int, r0: int, r1: int, out: np.ndarray | None = None) -> np.ndarray:
+        """S of the tile: (U*nsub, R) float32 (a view of p, or written into `out` when computed)."""
         raise NotImplementedError
 
-    def mins(self, p: dict, u0: int, u1: int, r0: int, r1: int) -> np.ndarray | None:
-        """M of the tile: (U*nsub, R) float32, or None when the format has no mins."""
+    def mins(self, p: dict, u0: int, u1: int, r0: int, r1: int, out: np.ndarray | None = None) -> np.ndarray | None:
+        """M of the tile: (U*nsub, R) float32 (into `out` when given), or None when the format has none."""
         return None
 
 

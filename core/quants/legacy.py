@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
+from .floats import f16_fast
 from .layout import BlockFormat, f16_field, or_bit, split_nibbles, split_nibbles16
 
 # IQ4_NL's non-linear code book (ggml's kvalues_iq4nl), also used by IQ4_XS
@@ -92,7 +93,7 @@ class Q4_0(HalvesMixin, BlockFormat):
         t = tmp.reshape(2, u1 - u0, 16, r1 - r0)                  # (half, U, j, R): weight 16*half + j
         split_nibbles16(p["qs"][u0:u1, :, r0:r1], t[0], t[1])    # high half holds 16 * nibble
 
-    def scales(self, p, u0, u1, r0, r1):
+    def scales(self, p, u0, u1, r0, r1, out=None):
         return p["d"][u0:u1, r0:r1]
 
 
@@ -110,7 +111,7 @@ class IQ4_NL(PairedMixin, BlockFormat):
     def codes(self, p, u0, u1, r0, r1, out, tmp):
         iq4_codes(p["qp"], u0, u1, r0, r1, out)
 
-    def scales(self, p, u0, u1, r0, r1):
+    def scales(self, p, u0, u1, r0, r1, out=None):
         return p["d"][u0:u1, r0:r1]
 
 
@@ -124,8 +125,9 @@ class Q4_1(Q4_0):
         m = f16_field(kb, 2).astype(np.float16)
         return {"d": f16_field(kb, 0), "m": m, "qs": np.ascontiguousarray(kb[:, 4:20])}
 
-    def mins(self, p, u0, u1, r0, r1):
-        return p["m"][u0:u1, r0:r1].astype(np.float32)
+    def mins(self, p, u0, u1, r0, r1, out=None):
+        m = p["m"][u0:u1, r0:r1]
+        return m.astype(np.float32) if out is None else f16_fast(m, out)   # products: finite m only
 
 
 class Q5_0(HalvesMixin, BlockFormat):
@@ -153,7 +155,7 @@ class Q5_0(HalvesMixin, BlockFormat):
             or_bit(qh, b, t8[:, :, :, b], 4, scratch)
         np.copyto(out, tmp, casting="unsafe")
 
-    def scales(self, p, u0, u1, r0, r1):
+    def scales(self, p, u0, u1, r0, r1, out=None):
         return p["d"][u0:u1, r0:r1]
 
 
@@ -169,8 +171,9 @@ class Q5_1(Q5_0):
         p["m"] = f16_field(kb, 2).astype(np.float16)
         return p
 
-    def mins(self, p, u0, u1, r0, r1):
-        return p["m"][u0:u1, r0:r1].astype(np.float32)
+    def mins(self, p, u0, u1, r0, r1, out=None):
+        m = p["m"][u0:u1, r0:r1]
+        return m.astype(np.float32) if out is None else f16_fast(m, out)   # products: finite m only
 
 
 class Q8_0(BlockFormat):
@@ -185,6 +188,6 @@ class Q8_0(BlockFormat):
     def codes(self, p, u0, u1, r0, r1, out, tmp):
         np.copyto(out.reshape(u1 - u0, 32, r1 - r0), p["qs"][u0:u1, :, r0:r1], casting="unsafe")
 
-    def scales(self, p, u0, u1, r0, r1):
+    def scales(self, p, u0, u1, r0, r1, out=None):
         return p["d"][u0:u1, r0:r1]
 
