@@ -38,6 +38,7 @@ SUPPORTED_TYPES = frozenset(FORMATS) | FLOAT_TYPES
 
 ROW_TILE = 1024          # rows per tile (a multiple of 8)
 TILE_ELEMS = 1 << 19     # float32 elements of one expanded tile (2 MiB; fewer numpy calls beat L2 fit)
+HUGE_MIN = 1 << 22       # numpy asks for transparent huge pages for buffers of at least this size
 SMALL_T = 4              # batches up to this size use per-sub-block partial dot products
 
 _local = threading.local()
@@ -49,7 +50,10 @@ def _scratch(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
     n = math.prod(shape)
     buf = bufs.get(name)
     if buf is None or buf.size < n or buf.dtype != dtype:
-        buf = np.empty(max(n, 1), dtype=dtype)
+        size = max(n, 1)
+        if size * np.dtype(dtype).itemsize >= HUGE_MIN // 4:          # big tiles: >= 4 MiB, so numpy
+            size = max(size, HUGE_MIN // np.dtype(dtype).itemsize)    # backs them with huge pages
+        buf = np.empty(size, dtype=dtype)
         bufs[name] = buf
     return buf[:n].reshape(shape)
 
