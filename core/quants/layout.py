@@ -79,6 +79,15 @@ class BlockFormat:
         """blocks (nb, size, N8) uint8 (already k-major) -> named arrays, rows last."""
         raise NotImplementedError
 
+    def mix_x(self, xt: np.ndarray, U: int) -> None:
+        """For products only: turn the tile-ordered, xfactor-scaled x (T, n_in) in place into the
+        coefficients of dot_codes() (default: they are the codes themselves, nothing to do)."""
+
+    def dot_codes(self, p: dict, u0: int, u1: int, r0: int, r1: int, out: np.ndarray, tmp: np.ndarray) -> None:
+        """For products only: float32 values whose dot with mix_x(x) equals the codes' dot with x
+        (default: the codes). Lets a format skip work that only dequantization needs."""
+        self.codes(p, u0, u1, r0, r1, out, tmp)
+
     def codes(self, p: dict, u0: int, u1: int, r0: int, r1: int, out: np.ndarray, tmp: np.ndarray) -> None:
         """Integer codes of units [u0, u1) x rows [r0, r1) -> out (U*block, R) float32, in the tile order
         of order(U); tmp is a uint8 scratch of the same shape."""

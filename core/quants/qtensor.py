@@ -164,6 +164,7 @@ class QTensor:
         self._perm = None if self._identity else perm
         xf = [fmt.xfactor(u1 - u0) for u0, u1 in self._cols]
         self._xfac = None if xf[0] is None else np.concatenate(xf)     # (n_in,) in tile order
+        self._mixes = type(fmt).mix_x is not BlockFormat.mix_x
 
     @property
     def nbytes(self) -> int:
@@ -207,6 +208,9 @@ class QTensor:
         xs = x.reshape(T, n_in // self._fmt.sub, self._fmt.sub).sum(axis=2, dtype=np.float32)
         xp = x if self._identity else np.ascontiguousarray(x[:, self._perm])
         xt = xp if self._xfac is None else xp * self._xfac
+        if self._mixes:
+            xt = xt if xt is not xp or xp is not x else xt.copy()
+            self._fmt.mix_x(xt, self._per)
         xv = None
         if T <= SMALL_T:
             xv = np.ascontiguousarray(xt.reshape(T, -1, self._run).transpose(1, 0, 2))
@@ -235,7 +239,7 @@ class QTensor:
         for u0, u1 in self._cols:
             c0, c1 = u0 * blk, u1 * blk
             f = fbuf[:c1 - c0]
-            fmt.codes(p, u0, u1, 0, R, f, tbuf[:c1 - c0])              # (k, R) integer codes, tile order
+            fmt.dot_codes(p, u0, u1, 0, R, f, tbuf[:c1 - c0])          # (k, R) integer codes, tile order
             if xv is not None:
                 np.matmul(xv[c0 // run:c1 // run], f.reshape(-1, run, R), out=part[c0 // run:c1 // run])
             else:
