@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -26,6 +27,7 @@ from core.pipeline import LocalPipeline, MpiPipeline, Pipeline, serve_worker
 FAULT_ENV = "LLAMA_MPI_FAULT"        # tests only: "RANK:N" = rank RANK fails at its N-th evaluation
 UBATCH_ENV = "LLAMA_MPI_UBATCH"      # micro-batch size for pipelined prefill (0 = off; unset = automatic)
 WORKER_FLAG = "--llama-mpi-worker"   # argv of a spawned worker: python -m chat.launch --llama-mpi-worker
+SUPERVISE_GRACE_S = 3.0              # a worker's supervisor waits this long for the head to report a death
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,8 @@ def start_cluster(opts: Any, on_plan: Callable[[Plan], None] | None = None) -> P
     if mode == "single":
         return _start_single(opts, on_plan)
     from core import transport
+    if mode == "mpiexec" and _launcher_rank() not in (None, 0):
+        _supervise(_launcher_rank())          # returns in the child, which becomes the MPI rank
     if mode == "spawn":
         if opts.hostfile:
             check_hostfile(opts.hostfile)
@@ -287,6 +291,47 @@ def _worker(t: Any, local_model: str | None, local_threads: int | None) -> int:
     return status
 
 
+def _launcher_rank() -> int | None:
+    """This process's rank as the process manager numbered it (before MPI is initialised)."""
+    for key in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return None
+
+
+def _supervise(rank: int | None) -> None:
+    """Split a worker into a supervisor (the process the launcher started) and the MPI rank (its
+    child, which returns from here). With hydra, a rank that dies makes the launcher SIGKILL the
+    whole job at once, before the head can say which rank it was. Here the launcher's process stays
+    alive: the head notices the lost rank, names it in one line and aborts the job (which ends this
+    supervisor too). If nothing happens within SUPERVISE_GRACE_S (the head is elsewhere or gone), the
+    supervisor names the rank itself and exits, and the launcher cleans up as before."""
+    pid = os.fork()
+    if pid == 0:
+        _die_with_parent()
+        return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(pid, signal.SIGTERM))
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        time.sleep(SUPERVISE_GRACE_S)
+        sig = os.WTERMSIG(status)
+        print(f"llama-mpi: rank {rank} ({socket.gethostname()}) was killed by signal {sig}; stopping the "
+              f"MPI job", file=sys.stderr, flush=True)
+        os._exit(128 + sig)
+    os._exit(os.WEXITSTATUS(status))
+
+
+def _die_with_parent() -> None:
+    """Linux: the MPI rank gets SIGKILL if its supervisor goes (no orphan ever outlives it)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)                     # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _fault_after(spec: str | None, rank: int) -> int | None:
     """"1:3" -> 3 on rank 1, None elsewhere (the test hook of FAULT_ENV)."""
     if not spec:
@@ -358,6 +403,8 @@ def _worker_argv() -> list[str]:
 def worker_main() -> int:
     """Entry of a spawned worker (mode 2): join the head's communicator and serve."""
     from core import transport
+    rank = _launcher_rank()
+    _supervise(None if rank is None else rank + 1)       # merged rank: the head is 0
     t = transport.join_parent()
     if t is None:
         print("error: this entry point is for workers spawned by llama-mpi --np N", file=sys.stderr)

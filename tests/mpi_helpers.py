@@ -80,16 +80,24 @@ def wait_gone(marker: str, timeout: float) -> float:
 
 
 def rank_pid(marker: str, rank: int, timeout: float = 20) -> int:
-    """Pid of the rank `rank` process of a job (by PMI_RANK in its environment)."""
+    """Pid of the MPI process of rank `rank` (by PMI_RANK in its environment; a worker's supervisor
+    has the same environment, so the deepest matching process is the rank itself)."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
+        found = []
         for pid in processes_matching(marker):
             try:
                 env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            except OSError:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+                ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
                 continue
-            if f"PMI_RANK={rank}".encode() in env and b"python" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return pid
+            if f"PMI_RANK={rank}".encode() in env and b"python" in cmd:
+                found.append((pid, ppid))
+        pids = {p for p, _ in found}
+        inner = [p for p, pp in found if pp in pids]
+        if inner or (found and rank == 0):
+            return (inner or [found[0][0]])[0]
         time.sleep(0.05)
     pytest.fail(f"rank {rank} of {marker} never showed up")
 
