@@ -246,3 +246,23 @@ def test_kill_9_of_the_head_while_idle_takes_every_worker_down(tmp_path, spawn):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_sigterm_to_a_worker_mid_generation(tmp_path):
+    out = tmp_path / "w.npz"
+    proc = _start_long_run(out)
+    try:
+        pid = rank_pid(str(out), 2)
+        time.sleep(1.5)
+        tree = descendants(proc.pid)
+        os.kill(pid, signal.SIGTERM)
+        t0 = time.monotonic()
+        _, stderr = proc.communicate(timeout=10)
+        assert proc.returncode != 0
+        assert error_lines(stderr) == [f"error: rank 2 ({HOST}, layers 4) failed: stopped by signal (exit 143)"]
+        while alive(tree) and time.monotonic() - t0 < 10:
+            time.sleep(0.05)
+        assert not alive(tree)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
