@@ -3,9 +3,10 @@
 Owns the three launch modes of DESIGN §3 (under mpiexec, spawn with --np N, single process), the
 start-up handshake (the head's settings broadcast, node-local model path and threads, model fingerprint
 checked on every rank, the split validated before anything loads), the plan shown to the user, the
-signals of a cluster rank, and the supervisor process each worker runs under (so that a killed rank is
-named by the head instead of being reaped, with everything else, by the launcher). Prints nothing except a worker's last-resort abort line; the UI prints
-the plan (`Plan.__str__`). The engine itself is core/pipeline.py; MPI is core/transport.py.
+signals of a cluster rank, and the supervisor process each worker runs under (so that a killed rank
+is named by the head instead of being reaped, with everything else, by the launcher). Prints nothing
+except a worker's last-resort line; the UI prints the plan (`Plan.__str__`). The engine itself is
+core/pipeline.py; MPI is core/transport.py.
 """
 from __future__ import annotations
 
