@@ -61,12 +61,15 @@ def _job(args: argparse.Namespace) -> int:
             pipe.ubatch = ub
             pipe.kv_clear()
             before = [s.compute_ms for s in pipe.stats()]
+            cpu0 = [_cpu_seconds(p.pid) for p in t.peers]
             t0 = time.perf_counter()
             logits[name] = pipe.eval(prompt)                      # (n_vocab,)
             wall = time.perf_counter() - t0
+            cpu = [_cpu_seconds(p.pid) - c for p, c in zip(t.peers, cpu0)]
             if wall < best.get(name, float("inf")):
                 best[name] = wall
                 compute[name] = [(s.compute_ms - b) / 1e3 for s, b in zip(pipe.stats(), before)]
+                result[f"{name}_cpu_s"] = cpu                     # CPU the ranks got (same host)
     for name in best:
         result[f"{name}_s"] = best[name]
         result[f"{name}_compute_s"] = compute[name]               # per rank, in the best run
@@ -97,7 +100,9 @@ def _report(r: dict) -> str:
              f"(max |logit diff| {r['max_abs_logit_diff']:.2e}, same argmax: {r['same_argmax']})"]
     for name in ("unpipelined", "pipelined"):
         busy = r[f"{name}_compute_s"]
-        lines.append(f"  {name}: compute per rank {', '.join(f'{c:.3f} s' for c in busy)}; ranks busy "
+        cpu = r[f"{name}_cpu_s"]
+        lines.append(f"  {name}: compute per rank {', '.join(f'{c:.3f} s' for c in busy)} (CPU time "
+                     f"{', '.join(f'{c:.3f} s' for c in cpu)}); ranks busy "
                      f"{100 * sum(busy) / (len(busy) * r[f'{name}_s']):.0f}% of the wall time")
     for rank, (rss, w, kv) in enumerate(zip(r["rss_mib"], r["weight_mib"], r["kv_mib"])):
         share = w + kv
