@@ -6,7 +6,7 @@ read bandwidth measured in the same run and the ratio; with --model, decode and 
 TinyLlama-shaped synthetic file of each type (files cached in a temp dir, never in the repository).
 Must not: be a test (nothing here asserts), or run long by default. Timings are the best of a few runs.
 
-Usage: python -m core.bench [--types q4_0,q8_0] [--threads N] [--json OUT] [--model] [--quick]
+Usage: python -m core.bench [--types q4_0,q8_0] [--threads N] [--json OUT] [--model [--no-kernels]]
 """
 from __future__ import annotations
 
