@@ -34,6 +34,7 @@ POLL_IDLE_S = 0.010          # ... and this once the wait is older than IDLE_AFT
 IDLE_AFTER_S = 1.0
 LIVENESS_EVERY_S = 0.25      # how often a waiting rank checks that its same-host peers still run
 FINISH_TIMEOUT_S = 8.0       # how long a closing rank waits for the others to close too
+OUTPUT_DRAIN_S = 0.3         # pause before MPI_Abort so the launcher forwards the last lines printed
 
 _MPI = None
 
@@ -288,6 +289,7 @@ class Transport:
             print(f"llama-mpi: {text}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         sys.stderr.flush()
+        time.sleep(OUTPUT_DRAIN_S)             # let the launcher forward what was printed before the kill
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 2)
         self.comm.Abort(code)
