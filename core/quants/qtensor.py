@@ -13,12 +13,18 @@ permuted/scaled once per call to the formats' tile order, see layout.py):
   T <= SMALL_T: partial dot products per run of positions sharing a scale, one batched BLAS call:
       P (n_runs, T, R) = x_runs (n_runs, T, run) @ F (n_runs, run, R); y = sum_runs S * P (one einsum)
   T >  SMALL_T: scale the tile in place (F *= S), one sgemm: y += x[:, K] @ F
-  and in both: y += xs @ (offset * S + M), xs = per-sub-block sums of x (offset and mins).
-Scales, mins and partial sums go to per-thread scratch buffers (fresh multi-MiB temporaries cost page
-faults on every call), and a QTensor's tiles share one buffer (huge pages, see pack_tiles).
-Measured on the 2-core AVX2 machine (one thread, CPU time): the widening cast costs ~0.15-0.2 ns per
-weight, the batched gemv ~0.1, unpacking bits 0.05-0.3; the per-call overhead of numpy (~2-5 us) makes
-2 MiB tiles faster than L2-sized ones.
+  and in both: y += offset * (xs @ S) + xs @ M, xs = per-sub-block sums of x (offset and mins).
+A format may expand something cheaper than its codes for products (dot_codes, with x mixed to match:
+Q4_0 casts its raw bytes). Scales, mins and partial sums go to per-thread scratch buffers (fresh
+multi-MiB temporaries cost page faults on every call); a QTensor's tiles share one buffer and big
+scratch buffers are >= 4 MiB, so both get transparent huge pages.
+Measured on the 2-core AVX2 machine (one thread, CPU time): the widening cast costs ~0.12-0.2 ns per
+weight, the batched gemv ~0.08-0.13, unpacking bits 0.05-0.3, reading the weights from DRAM the rest;
+the per-call overhead of numpy (~1-5 us) makes 2 MiB tiles faster than 0.25-1 MiB or 4-8 MiB ones.
+Tried without gain: one run per Q4_0 block (natural order), multiply + add.reduce instead of the
+einsum, a fused cast-and-scale ufunc call for T > SMALL_T, row sub-tiles for T > SMALL_T, np.take
+over a pair table for Q4_0. Not used: u8 -> u32 codes read by BLAS as denormals (x scaled by 2**100)
+would save ~0.025 ns/weight here, but denormal inputs are very slow on CPUs without fast denormals.
 """
 from __future__ import annotations
 
