@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import socket
 import sys
+import sysconfig
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 
+from .errors import PipelineError
 from .control import FRAME_LEN, Abort, Message, Shutdown, decode, encode
 
 # Message tags (one per channel, so the channels never match each other's receives).
@@ -332,13 +335,35 @@ def world() -> Transport:
 
 def spawn_workers(n_workers: int, args: list[str], hostfile: str | None = None) -> Transport:
     """Mode 2: this process (a singleton) spawns `python args...` n_workers times and merges: head = 0."""
+    _put_launcher_on_path()
     MPI = mpi()
     info = MPI.Info.Create()
     if hostfile:
         info.Set("hostfile", hostfile)
-    inter = MPI.COMM_SELF.Spawn(sys.executable, args=args, maxprocs=n_workers, info=info)
-    info.Free()
+    try:
+        inter = MPI.COMM_SELF.Spawn(sys.executable, args=args, maxprocs=n_workers, info=info)
+    except MPI.Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PipelineError(f"spawn mode could not start {n_workers} worker(s): {first}") from None
+    finally:
+        info.Free()
     return Transport(inter.Merge(high=False), intercomm=inter)
+
+
+def _put_launcher_on_path() -> None:
+    """A singleton's Spawn makes MPICH exec `mpiexec` found on PATH. The mpich wheel puts its hydra
+    `mpiexec` in the environment's scripts folder, which is not on PATH when a venv is used without
+    being activated (`.venv/bin/llama-mpi --np 2`): put that folder first, so the launcher matches the
+    MPI library mpi4py loaded. Without any mpiexec, say so instead of letting MPICH fail obscurely."""
+    for folder in (sysconfig.get_path("scripts"), os.path.dirname(sys.executable)):
+        if os.path.isfile(os.path.join(folder, "mpiexec")):
+            path = os.environ.get("PATH", "")
+            if path.split(os.pathsep)[0] != folder:
+                os.environ["PATH"] = folder + os.pathsep + path
+            return
+    if shutil.which("mpiexec") is None:
+        raise PipelineError("spawn mode needs MPICH's mpiexec on PATH (pip install mpich), or run under "
+                            "mpiexec -n N")
 
 
 def join_parent() -> Transport | None:

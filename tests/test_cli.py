@@ -35,6 +35,19 @@ def test_one_shot_two_ranks_same_text(tmp_path):
     assert_no_rank_left(tag)
 
 
+
+def test_spawn_mode_without_the_venv_on_path(tmp_path):
+    # `.venv/bin/llama-mpi --np 2` (the README's first command) runs with the venv not activated: the
+    # mpich wheel's mpiexec, which a singleton's Spawn needs, is then not on PATH.
+    model = stories_or_skip()
+    env, tag = tagged_env(tmp_path, PATH="/usr/bin:/bin")
+    args = ["-m", model, "-p", "Once upon a time", "-n", "8", "--temp", "0"]
+    one = run_chat(args, env, timeout=60)
+    two = run_chat(args + ["--np", "2"], env, timeout=60)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout == one.stdout and "plan: spawn, 2 ranks" in two.stderr
+    assert_no_rank_left(tag)
+
 BAD_INPUT = [
     (["--no-such-flag"], "unknown option --no-such-flag", 2),
     (["--top-p", "1.5"], "--top-p 1.5 is out of range: must be in [0.0, 1.0]", 2),
