@@ -15,10 +15,12 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from core.errors import UsageError
+from core.sampling import SamplingParams
 
 DEFAULT_N_CTX = 512        # -c; 0 = the model's training context
 DEFAULT_N_BATCH = 512      # -b; tokens per evaluation call while consuming queued input
 MAX_SEED = 2**32 - 1
+SAMPLING = SamplingParams()   # the sampling defaults (llama.cpp main's), defined once in core
 
 
 @dataclass(frozen=True)
@@ -49,22 +51,22 @@ class ChatOptions:
     ignore_eos: bool = False                  # --ignore-eos
     verbose_prompt: bool = False              # --verbose-prompt
     seed: int = -1                            # -s: -1 = from the clock
-    # sampling (llama.cpp main's late-2023 defaults)
+    # sampling (defaults: core.sampling.SamplingParams)
     logit_bias: tuple[tuple[int, float], ...] = ()  # -l ID+BIAS / ID-BIAS (repeatable)
-    repeat_last_n: int = 64
-    repeat_penalty: float = 1.1
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    penalize_nl: bool = True
-    top_k: int = 40
-    tfs_z: float = 1.0
-    typical_p: float = 1.0
-    top_p: float = 0.95
-    min_p: float = 0.05
-    temp: float = 0.8
-    mirostat: int = 0
-    mirostat_tau: float = 5.0
-    mirostat_eta: float = 0.1
+    repeat_last_n: int = SAMPLING.repeat_last_n
+    repeat_penalty: float = SAMPLING.repeat_penalty
+    frequency_penalty: float = SAMPLING.frequency_penalty
+    presence_penalty: float = SAMPLING.presence_penalty
+    penalize_nl: bool = SAMPLING.penalize_nl
+    top_k: int = SAMPLING.top_k
+    tfs_z: float = SAMPLING.tfs_z
+    typical_p: float = SAMPLING.typical_p
+    top_p: float = SAMPLING.top_p
+    min_p: float = SAMPLING.min_p
+    temp: float = SAMPLING.temp
+    mirostat: int = SAMPLING.mirostat
+    mirostat_tau: float = SAMPLING.mirostat_tau
+    mirostat_eta: float = SAMPLING.mirostat_eta
     # terminal, scripts, transcripts
     color: bool = False                       # --color (NO_COLOR in the environment wins)
     simple_io: bool = False                   # --simple-io: plain line reader even on a terminal
@@ -205,22 +207,29 @@ def _build_parser() -> _Parser:
     g = p.add_argument_group("sampling (applied in this order)")
     g.add_argument("-l", "--logit-bias", dest="logit_bias", action="append", type=_logit_bias, default=[],
                    metavar="ID(+|-)BIAS")
-    g.add_argument("--repeat-last-n", type=_int("--repeat-last-n", -1), default=64, metavar="N",
+    g.add_argument("--repeat-last-n", type=_int("--repeat-last-n", -1),
+                   default=SAMPLING.repeat_last_n, metavar="N",
                    help="(-1 = the context size, 0 = off)")
-    g.add_argument("--repeat-penalty", type=_float("--repeat-penalty", 0.0, lo_open=True), default=1.1)
-    g.add_argument("--frequency-penalty", type=_float("--frequency-penalty", -2.0, 2.0), default=0.0)
-    g.add_argument("--presence-penalty", type=_float("--presence-penalty", -2.0, 2.0), default=0.0)
+    g.add_argument("--repeat-penalty", type=_float("--repeat-penalty", 0.0, lo_open=True),
+                   default=SAMPLING.repeat_penalty)
+    g.add_argument("--frequency-penalty", type=_float("--frequency-penalty", -2.0, 2.0),
+                   default=SAMPLING.frequency_penalty)
+    g.add_argument("--presence-penalty", type=_float("--presence-penalty", -2.0, 2.0),
+                   default=SAMPLING.presence_penalty)
     g.add_argument("--no-penalize-nl", dest="penalize_nl", action="store_false")
-    g.add_argument("--top-k", type=_int("--top-k", 0), default=40, metavar="N", help="(0 = off)")
-    g.add_argument("--tfs", dest="tfs_z", type=_float("--tfs", 0.0, 1.0, lo_open=True), default=1.0)
-    g.add_argument("--typical", dest="typical_p", type=_float("--typical", 0.0, 1.0, lo_open=True), default=1.0)
-    g.add_argument("--top-p", type=_float("--top-p", 0.0, 1.0), default=0.95)
-    g.add_argument("--min-p", type=_float("--min-p", 0.0, 1.0), default=0.05)
-    g.add_argument("--temp", type=_float("--temp", 0.0), default=0.8, help="(0 = greedy)")
-    g.add_argument("--mirostat", type=_int("--mirostat", 0, 2, legal="must be 0 (off), 1 or 2"), default=0)
+    g.add_argument("--top-k", type=_int("--top-k", 0), default=SAMPLING.top_k, metavar="N", help="(0 = off)")
+    g.add_argument("--tfs", dest="tfs_z", type=_float("--tfs", 0.0, 1.0, lo_open=True), default=SAMPLING.tfs_z)
+    g.add_argument("--typical", dest="typical_p", type=_float("--typical", 0.0, 1.0, lo_open=True),
+                   default=SAMPLING.typical_p)
+    g.add_argument("--top-p", type=_float("--top-p", 0.0, 1.0), default=SAMPLING.top_p)
+    g.add_argument("--min-p", type=_float("--min-p", 0.0, 1.0), default=SAMPLING.min_p)
+    g.add_argument("--temp", type=_float("--temp", 0.0), default=SAMPLING.temp, help="(0 = greedy)")
+    g.add_argument("--mirostat", type=_int("--mirostat", 0, 2, legal="must be 0 (off), 1 or 2"),
+                   default=SAMPLING.mirostat)
     g.add_argument("--mirostat-lr", dest="mirostat_eta", type=_float("--mirostat-lr", 0.0, lo_open=True),
-                   default=0.1)
-    g.add_argument("--mirostat-ent", dest="mirostat_tau", type=_float("--mirostat-ent", 0.0), default=5.0)
+                   default=SAMPLING.mirostat_eta)
+    g.add_argument("--mirostat-ent", dest="mirostat_tau", type=_float("--mirostat-ent", 0.0),
+                   default=SAMPLING.mirostat_tau)
 
     g = p.add_argument_group("terminal, scripts and transcripts")
     g.add_argument("--color", action="store_true", help="colour prompt, input and errors (NO_COLOR wins)")
