@@ -68,16 +68,8 @@ def _d_times(p: dict, key: str, small: np.ndarray, u0: int, u1: int, r0: int, r1
     return out
 
 
-class Q2_K(BlockFormat):
-    """84 bytes / 256: scales[16] (low nibble sc, high nibble m, per 16 weights) | qs[64] (2 bits) |
-    d f16 | dmin f16. Weight 128n+32j+l = d*sc[s] * ((qs[32n+l] >> 2j) & 3) - dmin*m[s], s = index/16.
-    Repacked: qs (nb,64,N8) + scales (nb,16,N8) + d, dmin f32 = 88 bytes (1.05x)."""
-
-    qtype, block, size, sub, has_mins, f16_at = QT.Q2_K, 256, 84, 16, True, (80, 82)
-
-    def repack(self, kb):
-        return {"sc": np.ascontiguousarray(kb[:, 0:16]), "qs": np.ascontiguousarray(kb[:, 16:80]),
-                "d": f16_field(kb, 80), "dmin": f16_field(kb, 82)}
+class _CrumbFormat(BlockFormat):
+    """Q2_K and Q3_K: 2-bit fields ("crumbs") j of byte 32n+l hold weight 128n+32j+l, 16 sub-blocks of 16."""
 
     def order(self, U):
         return crumb_order(U)
@@ -88,6 +80,18 @@ class Q2_K(BlockFormat):
     def run_scales(self, S, U):                                 # sub-block 8n + 2j + l//16
         n, R = S.shape[0], S.shape[-1]
         return S.reshape(n, U, 2, 4, 2, R).transpose(0, 3, 1, 2, 4, 5)
+
+
+class Q2_K(_CrumbFormat):
+    """84 bytes / 256: scales[16] (low nibble sc, high nibble m, per 16 weights) | qs[64] (2 bits) |
+    d f16 | dmin f16. Weight 128n+32j+l = d*sc[s] * ((qs[32n+l] >> 2j) & 3) - dmin*m[s], s = index/16.
+    Repacked: qs (nb,64,N8) + scales (nb,16,N8) + d, dmin f32 = 88 bytes (1.05x)."""
+
+    qtype, block, size, sub, has_mins, f16_at = QT.Q2_K, 256, 84, 16, True, (80, 82)
+
+    def repack(self, kb):
+        return {"sc": np.ascontiguousarray(kb[:, 0:16]), "qs": np.ascontiguousarray(kb[:, 16:80]),
+                "d": f16_field(kb, 80), "dmin": f16_field(kb, 82)}
 
     def xfactor(self, U):
         return crumb_factor(U, (1, 4, 16, 64))
@@ -108,7 +112,7 @@ _Q3_SHIFTS = np.array([[2, 3, 4, 3], [2, 1, 0, 1]], dtype=U64)[:, :, None, None,
 _Q3_MASKS = np.array([0x04, 0x10, 0x40, 0x40], dtype=U64)[:, None, None, None] * U64(0x0101010101010101)
 
 
-class Q3_K(BlockFormat):
+class Q3_K(_CrumbFormat):
     """110 bytes / 256: hmask[32] | qs[64] (low 2 bits) | scales[12] (16 x 6 bits) | d f16.
     Weight 128n+32j+l = d*(sc[s]-32) * (low2 - (0 if hmask[l] bit (4n+j) else 4)).
     scales: sc[i] = ((b[i%8] >> 4*(i//8)) & 0xF) | (((b[8+i%4] >> 2*(i//4)) & 3) << 4).
@@ -125,16 +129,6 @@ class Q3_K(BlockFormat):
         sc = ((low | (high << 4)).astype(np.int16) - 32).astype(np.int8)
         return {"hm": np.ascontiguousarray(kb[:, 0:32]), "qs": np.ascontiguousarray(kb[:, 32:96]),
                 "sc": sc, "d": f16_field(kb, 108)}
-
-    def order(self, U):
-        return crumb_order(U)
-
-    def run_shape(self, U):
-        return (4, U, 2, 2)                                     # (j, U, n, l // 16)
-
-    def run_scales(self, S, U):                                 # sub-block 8n + 2j + l//16
-        n, R = S.shape[0], S.shape[-1]
-        return S.reshape(n, U, 2, 4, 2, R).transpose(0, 3, 1, 2, 4, 5)
 
     def xfactor(self, U):
         return crumb_factor(U, (1, 4, 16, 16))
