@@ -107,6 +107,12 @@ def _worker_rank() -> bool:
     return False
 
 
+def _report(ui: Renderer, exc: LlamaMpiError) -> int:
+    """Show a user-facing error as its one line; the exit status says whether it was usage."""
+    ui.error(str(exc))
+    return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_ERROR
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     color = "--color" in argv and not env_no_color()
@@ -134,12 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         pipeline = start_pipeline(opts, ui)
     except KeyboardInterrupt:
         return 130
-    except UsageError as exc:
-        ui.error(str(exc))
-        return EXIT_USAGE
     except LlamaMpiError as exc:
-        ui.error(str(exc))
-        return EXIT_ERROR
+        return _report(ui, exc)
     if pipeline is None:
         return 0                                  # a worker rank: served until shutdown
     try:
@@ -152,12 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_ERROR
-    except UsageError as exc:
-        ui.error(str(exc))
-        return EXIT_USAGE
     except LlamaMpiError as exc:
-        ui.error(str(exc))
-        return EXIT_ERROR
+        return _report(ui, exc)
     finally:
         pipeline.close()
 
