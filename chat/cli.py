@@ -15,7 +15,8 @@ from pathlib import Path
 
 from core.errors import LlamaMpiError, UsageError
 
-from .options import ChatOptions, command_line_is_valid, env_no_color, fill_prompt_vars, parse_options
+from .options import (ChatOptions, command_line_is_valid, env_no_color, fill_prompt_vars, parse_options,
+                      read_user_file)
 from .render import Renderer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,12 +64,7 @@ def read_prompt(opts: ChatOptions) -> str:
     """The initial prompt: -p text, or the -f file with one trailing newline stripped; vars filled."""
     text = opts.prompt
     if opts.prompt_file is not None:
-        try:
-            data = Path(opts.prompt_file).read_bytes()
-        except FileNotFoundError:
-            raise UsageError(f"-f/--file: prompt file '{opts.prompt_file}' not found") from None
-        except OSError as exc:
-            raise UsageError(f"-f/--file: cannot read '{opts.prompt_file}': {exc.strerror}") from None
+        data = read_user_file(opts.prompt_file, "-f/--file: prompt file")
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:

@@ -26,6 +26,8 @@ from core.model import Stage
 from core.partition import format_layers, split_layers
 from core.pipeline import LocalPipeline, MpiPipeline, Pipeline, serve_worker
 
+from .options import read_user_file
+
 FAULT_ENV = "LLAMA_MPI_FAULT"        # tests only: "RANK:N" = rank RANK fails at its N-th evaluation
 UBATCH_ENV = "LLAMA_MPI_UBATCH"      # micro-batch size for pipelined prefill (0 = off; unset = automatic)
 WORKER_FLAG = "--llama-mpi-worker"   # argv of a spawned worker: python -m chat.launch --llama-mpi-worker
@@ -111,12 +113,7 @@ def start_cluster(opts: Any, on_plan: Callable[[Plan], None] | None = None) -> P
 def check_hostfile(path: str) -> list[str]:
     """Hosts of an MPICH hostfile (`host[:slots]` per line, `#` comments; Open MPI's `host slots=N` is
     read too). Checked before spawning, because hydra's own failure kills the head without a word."""
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        raise UsageError(f"--hostfile: '{path}' not found") from None
-    except OSError as exc:
-        raise UsageError(f"--hostfile: cannot read '{path}': {exc.strerror}") from None
+    text = read_user_file(path, "--hostfile:").decode("utf-8", errors="replace")
     hosts = []
     for line in text.splitlines():
         line = line.split("#", 1)[0].strip()

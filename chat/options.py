@@ -266,13 +266,25 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return ns
 
 
+def read_user_file(path: str, label: str) -> bytes:
+    """The bytes of a file the user named; `label` says which (e.g. "--script: file"), as errors do.
+
+    Raises:
+        UsageError: "<label> '<path>' not found" or "... cannot be read: <reason>".
+    """
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"{label} '{path}' not found") from None
+    except OSError as exc:
+        raise UsageError(f"{label} '{path}' cannot be read: {exc.strerror or exc}") from None
+
+
 def read_options_file(path: str) -> list[str]:
     """The options file's arguments, split like a shell command line (comments allowed)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"options file '{path}' not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
+        text = read_user_file(path, "options file").decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise UsageError(f"options file '{path}' cannot be read: {exc}") from None
     try:
         return shlex.split(text, comments=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 from core.errors import UsageError
 
 from .lines import ScriptTurn, decode_script, split_script
-from .options import ChatOptions
+from .options import ChatOptions, read_user_file
 
 RUN_HEADING = "## Run"
 
@@ -24,13 +24,7 @@ def load_script(path: str) -> list[ScriptTurn]:
     Raises:
         UsageError: missing/unreadable file or invalid UTF-8 (names the file and line).
     """
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise UsageError(f"--script: file '{path}' not found") from None
-    except OSError as exc:
-        raise UsageError(f"--script: cannot read '{path}': {exc.strerror}") from None
-    return split_script(decode_script(data, path))
+    return split_script(decode_script(read_user_file(path, "--script: file"), path))
 
 
 @dataclass
