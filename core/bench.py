@@ -67,6 +67,21 @@ def stream_bandwidth(mbytes: int = 256) -> float:
     return 2 * a.nbytes / best_time(lambda: np.dot(a, b), 6, 3.0) / 1e9
 
 
+def machine_floors() -> dict:
+    """What this machine allows a numpy kernel, measured in the same run as the kernels (DESIGN §4 gives
+    these for the machine its targets came from): the uint8 -> float32 conversion of a cache-sized tile
+    in ns per element (every quantized weight passes through one), and sgemm GFLOP/s of a 64-row product
+    on one such tile (the most a batch product can reach)."""
+    codes = np.random.default_rng(1).integers(0, 256, 1 << 19, dtype=np.uint8)       # one 2 MiB f32 tile
+    tile = np.empty(codes.size, dtype=np.float32)
+    cast = best_time(lambda: np.copyto(tile, codes, casting="unsafe"), 40, 1.0)
+    a = np.ones((BATCH, 512), dtype=np.float32)
+    b = tile.reshape(512, 1024)                                                       # (k, R) tile
+    out = np.empty((BATCH, 1024), dtype=np.float32)
+    gemm = best_time(lambda: np.matmul(a, b, out=out), 40, 1.0)
+    return {"cast_ns": cast / codes.size * 1e9, "sgemm_GFLOPs": 2 * BATCH * 512 * 1024 / gemm / 1e9}
+
+
 def random_weight(qt: QT, n_out: int, n_in: int, rng: np.random.Generator) -> np.ndarray:
     """GGUFReader-like data of a random (n_out, n_in) matrix in type qt (valid, finite scales)."""
     if qt in (QT.F32, QT.F16):
@@ -100,10 +115,12 @@ def bench_type(qt: QT, pool, repeat: int, rng: np.random.Generator) -> dict:
     return row
 
 
-def print_kernel_table(rows: list[dict], stream: float, threads: int) -> None:
+def print_kernel_table(rows: list[dict], stream: float, floors: dict, threads: int) -> None:
     a, b = (f"{o}x{i}" for o, i in SHAPES)
     print(f"streaming read bandwidth: {stream:.1f} GB/s   threads: {threads}   (best of a few runs; the "
           f"machine is shared, so figures are approximate)")
+    print(f"floors of this machine: uint8->f32 conversion {floors['cast_ns']:.3f} ns/element (DESIGN §4's "
+          f"machine: ~0.11), sgemm {floors['sgemm_GFLOPs']:.0f} GFLOP/s on a {BATCH}x512 @ 512x1024 tile")
     print("GB/s = quantized weight bytes / best wall time; ratio = that / streaming bandwidth; cpuGB/s = "
           "bytes / best CPU time of the process (less sensitive to other load; all threads summed)")
     print(f"{'type':8} {a + ' ms':>13} {'GB/s':>6} {'cpuGB/s':>7} {b + ' ms':>14} {'GB/s':>6} {'ratio':>6} "
@@ -171,11 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"threads": args.threads, "numpy": np.__version__}
     try:
         if not args.no_kernels:
-            stream = stream_bandwidth()
+            stream, floors = stream_bandwidth(), machine_floors()
             rng = np.random.default_rng(0)
             rows = [bench_type(QT[t.upper()], pool, args.repeat, rng) for t in names]
-            result |= {"stream_GBps": stream, "kernels": rows}
-            print_kernel_table(rows, stream, args.threads)
+            result |= {"stream_GBps": stream, "floors": floors, "kernels": rows}
+            print_kernel_table(rows, stream, floors, args.threads)
         if args.model:
             cache = Path(args.cache)
             cache.mkdir(parents=True, exist_ok=True)
