@@ -5,14 +5,18 @@ so a turn means the same whatever the source.
 Owns: line editing, history (a file in the user's data directory), the key bindings for `\\`, `/` and
 --multiline-input, the bottom toolbar, and the terminal mode while the model generates (Ctrl-C read as a
 byte, see CtrlCWatcher). It never talks to the pipeline; Ctrl-C at the prompt surfaces as
-KeyboardInterrupt and end of input as None.
+KeyboardInterrupt and end of input as None. While it waits for a line it calls the session's
+`peer_watch` hook (when there is one: a cluster) every WATCH_EVERY_S, on the main thread; whatever that
+raises (a worker died meanwhile) ends the wait and surfaces from read_turn.
 """
 from __future__ import annotations
 
 import os
+import select
 import sys
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Callable, TextIO
 
 from .lines import LineAssembler, ScriptTurn, join_turn, wants_more
 from .render import Renderer
@@ -20,6 +24,8 @@ from .render import Renderer
 if TYPE_CHECKING:
     from .session import ChatSession
 
+
+WATCH_EVERY_S = 0.25          # how often a waiting reader calls the session's peer_watch hook
 
 PTK_STYLES = {"prompt": "ansiyellow nobold", "output": "nobold noinherit", "error": "bold ansired",
               "user": "bold ansigreen"}
@@ -47,19 +53,48 @@ class PlainReader:
         self.ui = ui
         self.multiline = multiline
         self.echo = echo
+        self._pending = b""          # watched reads: bytes read from the descriptor, not yet a line
 
-    def _line(self) -> str:
+    def _line(self, watch: Callable[[], None] | None) -> str:
+        fd = _fileno(self.stream)
+        if watch is not None and fd is not None:
+            return self._watched_line(fd, watch)
         if not self.ctrl_c_ends_line:
             return self.stream.readline()
         # canonical terminal with Ctrl-C as an end-of-line byte: one read() is one line
         return os.read(self.stream.fileno(), 65536).decode("utf-8", errors="replace")
 
+    def _watched_line(self, fd: int, watch: Callable[[], None]) -> str:
+        """One line read straight from the descriptor (the stream's own buffer is never used, so no
+        line can sit in it unseen while we wait), calling watch() every WATCH_EVERY_S meanwhile."""
+        last = time.monotonic()
+        while True:
+            cut = self._pending.find(b"\n")
+            if cut >= 0:
+                line, self._pending = self._pending[:cut + 1], self._pending[cut + 1:]
+                return line.decode("utf-8", errors="replace")
+            if select.select([fd], [], [], WATCH_EVERY_S)[0]:
+                data = os.read(fd, 65536)
+                if self.ctrl_c_ends_line or not data:      # one read() is one line / end of input
+                    line, self._pending = self._pending + data, b""
+                    return line.decode("utf-8", errors="replace")
+                self._pending += data
+            if time.monotonic() - last >= WATCH_EVERY_S:
+                try:
+                    watch()
+                except Exception:
+                    if os.isatty(fd):                       # the error starts below what was typed
+                        self.ui.stream("\n")
+                    raise
+                last = time.monotonic()
+
     def read_turn(self, session: "ChatSession", instruct: bool) -> str | None:
         lines = LineAssembler(self.multiline)
+        watch = getattr(session, "peer_watch", None)
         self.ui.begin_user_input()
         try:
             while True:
-                raw = self._line()
+                raw = self._line(watch)
                 if "\x03" in raw:
                     raise KeyboardInterrupt
                 if not raw:                          # end of input: what was typed so far, then None
@@ -143,13 +178,41 @@ class TerminalReader:
             self.ui.out.file.write("\r")
             self.ui.out.file.flush()
         message = [(PTK_STYLES.get(style, "") if self.ui.color else "", text) for text, style in row]
+        watch = getattr(session, "peer_watch", None)
+        app = self.prompt_session.app
         try:
-            text = self.prompt_session.prompt(message, bottom_toolbar=session.toolbar,
-                                              prompt_continuation=lambda width, line, soft: "")
+            text = self.prompt_session.prompt(
+                message, bottom_toolbar=session.toolbar, prompt_continuation=lambda width, line, soft: "",
+                pre_run=(lambda: app.create_background_task(_watch_while_prompting(app, watch))) if watch else None)
         except EOFError:
             return None
+        except Exception:
+            self.ui.track("\n", "user")    # prompt_toolkit left the cursor on a fresh row
+            raise
         self.ui.track("\n", "user")
         return join_turn(text.split("\n"), self.multiline)
+
+
+async def _watch_while_prompting(app, watch: Callable[[], None]) -> None:
+    """A task of the prompt's event loop (the main thread): watch() every WATCH_EVERY_S; an error it
+    raises leaves the prompt and is raised by prompt() (prompt_toolkit cancels this task at the end)."""
+    import asyncio
+    while True:
+        await asyncio.sleep(WATCH_EVERY_S)
+        try:
+            watch()
+        except Exception as exc:                 # noqa: BLE001 - handed to the caller of prompt()
+            if app.future is not None and not app.future.done():
+                app.exit(exception=exc)
+            return
+
+
+def _fileno(stream) -> int | None:
+    """The stream's descriptor, or None (an in-memory stream)."""
+    try:
+        return stream.fileno()
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _mono_depth():

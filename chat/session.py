@@ -92,6 +92,9 @@ class ChatSession:
         self.ui = ui
         self.reader = reader
         self.keys = keys                         # CtrlCWatcher on a terminal (Ctrl-C as a byte), or None
+        # what a reader calls while it waits for input: a cluster's failure poll (a worker that dies
+        # meanwhile is reported at once, as one PipelineError); None in one process (nothing to watch)
+        self.peer_watch = getattr(pipeline, "poll_failure", None)
         self.prompt = prompt
         self.reverse_prompts = reverse_prompts
         self.input_prefix = input_prefix

@@ -310,6 +310,13 @@ class MpiPipeline:
         self._usable()
         return self._guarded(self._stats)
 
+    def poll_failure(self) -> None:
+        """Between steps (the head waits for the user): raise the one PipelineError of a worker that has
+        failed or vanished meanwhile, and stop the cluster; return at once when all is well (nothing is
+        sent). Call it from the thread that makes every other MPI call."""
+        self._usable()
+        self._guarded(self.t.poll_failure)
+
     def close(self) -> None:
         """Shut every rank down: a clean handshake when all is well; after a failure (the error has been
         reported by then) the MPI job is aborted, which ends every rank at once with status 1."""
