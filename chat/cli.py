@@ -104,7 +104,9 @@ def _worker_rank() -> bool:
 
 
 def _report(ui: Renderer, exc: LlamaMpiError) -> int:
-    """Show a user-facing error as its one line; the exit status says whether it was usage."""
+    """Show a user-facing error as its one line (on a line of its own, after any conversation text);
+    the exit status says whether it was usage."""
+    ui.newline_if_needed()
     ui.error(str(exc))
     return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_ERROR
 
