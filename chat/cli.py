@@ -22,7 +22,7 @@ from .render import Renderer
 REPO = Path(__file__).resolve().parents[1]
 DEMO_MODEL = REPO.parent / "shared" / "fixtures" / "models" / "stories260K.gguf"
 DEMO_N_PREDICT = 256          # the demo bounds each reply (llama.cpp's -n -1 would run on)
-EXIT_USAGE, EXIT_ERROR = 2, 1
+EXIT_USAGE, EXIT_ERROR, EXIT_INTERRUPTED = 2, 1, 130
 
 
 def synthetic_demo_path() -> Path:
@@ -54,10 +54,16 @@ def resolve_demo(opts: ChatOptions) -> tuple[ChatOptions, str | None]:
     return replace(opts, model=str(path), **changes), banner
 
 
-def start_pipeline(opts: ChatOptions, ui: Renderer):
-    """The pipeline for these options: chat/launch.py decides the mode; None on worker ranks."""
+def start_pipeline(opts: ChatOptions, ui: Renderer, loading=None):
+    """The pipeline for these options: chat/launch.py decides the mode; None on worker ranks.
+    `loading` (a repl.LoadingCtrlC, or None) is armed once every rank agreed on the plan."""
     from .launch import start_cluster
-    return start_cluster(opts, on_plan=lambda plan: ui.info(str(plan)))
+
+    def on_plan(plan) -> None:
+        ui.info(str(plan))
+        if loading is not None:
+            loading.arm()
+    return start_cluster(opts, on_plan=on_plan)
 
 
 def read_prompt(opts: ChatOptions) -> str:
@@ -103,6 +109,15 @@ def _worker_rank() -> bool:
     return False
 
 
+def _interrupted(ui: Renderer) -> int:
+    """Ctrl-C before the chat took over the signal: one line from rank 0, status 130 (the cluster is
+    stopped by pipeline.close() or, during start-up, by aborting the job)."""
+    if not _worker_rank():
+        ui.newline_if_needed()
+        ui.info("interrupted before the chat started")
+    return EXIT_INTERRUPTED
+
+
 def _report(ui: Renderer, exc: LlamaMpiError) -> int:
     """Show a user-facing error as its one line (on a line of its own, after any conversation text);
     the exit status says whether it was usage."""
@@ -124,6 +139,17 @@ def main(argv: list[str] | None = None) -> int:
             ui.error(str(exc) if not _worker_rank() else f"rank {_rank_text()}: {exc}")
         return EXIT_USAGE
     ui = Renderer(opts.color and not env_no_color())
+    from .repl import make_loading_ctrl_c
+    loading = make_loading_ctrl_c(opts)           # spawn mode on a terminal: Ctrl-C read as a byte
+    try:
+        return _start_and_chat(opts, ui, loading)
+    finally:
+        if loading is not None:
+            loading.stop()
+
+
+def _start_and_chat(opts: ChatOptions, ui: Renderer, loading) -> int:
+    """Start the cluster and, on rank 0, run the chat; the exit status."""
     prepared, problem = None, None
     try:
         opts, banner = resolve_demo(opts)
@@ -135,9 +161,9 @@ def main(argv: list[str] | None = None) -> int:
                 if not _under_launcher():
                     raise            # nothing started yet: fail at once
         t0 = time.perf_counter()
-        pipeline = start_pipeline(opts, ui)
+        pipeline = start_pipeline(opts, ui, loading)
     except KeyboardInterrupt:
-        return 130
+        return _interrupted(ui)
     except LlamaMpiError as exc:
         return _report(ui, exc)
     if pipeline is None:
@@ -145,9 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if problem is not None:
             raise problem
-        return run_head(opts, pipeline, prepared, ui, banner, load_ms=1000.0 * (time.perf_counter() - t0))
+        return run_head(opts, pipeline, prepared, ui, banner, load_ms=1000.0 * (time.perf_counter() - t0),
+                        loading=loading)
     except KeyboardInterrupt:                     # Ctrl-C before the chat took over the signal
-        return 130
+        return _interrupted(ui)
     except BrokenPipeError:                       # `llama-mpi ... | head`: the reader left; say nothing
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
@@ -164,8 +191,9 @@ def _under_launcher() -> bool:
 
 
 def run_head(opts: ChatOptions, pipeline, prepared: Prepared, ui: Renderer, banner: str | None,
-             load_ms: float) -> int:
-    """Rank 0 after the cluster is up: tokenizer, session, banner, then the chat."""
+             load_ms: float, loading=None) -> int:
+    """Rank 0 after the cluster is up: tokenizer, session, banner, then the chat (which takes Ctrl-C
+    over from `loading`, a repl.LoadingCtrlC or None)."""
     from core.tokenizer import Tokenizer
 
     from .repl import make_ctrl_c_watcher, make_reader
@@ -182,6 +210,8 @@ def run_head(opts: ChatOptions, pipeline, prepared: Prepared, ui: Renderer, bann
     if banner:
         ui.info(banner)
     print_preamble(opts, session, ui, prepared)
+    if loading is not None:
+        loading.stop()
     return session.run()
 
 

@@ -153,6 +153,7 @@ class _AbortAtExit:
 
     def __init__(self, t: Any):
         self.t, self.armed = t, True
+        self.code = 1                    # the job's status; 130 after Ctrl-C
         atexit.register(self._fire)
 
     def disarm(self) -> None:
@@ -160,7 +161,7 @@ class _AbortAtExit:
 
     def _fire(self) -> None:
         if self.armed:
-            self.t.abort_job(1)
+            self.t.abort_job(self.code)
 
 
 def _head(t: Any, opts: Any, mode: str, on_plan: Callable[[Plan], None] | None) -> MpiPipeline:
@@ -172,6 +173,9 @@ def _head(t: Any, opts: Any, mode: str, on_plan: Callable[[Plan], None] | None) 
         peer = t.peers[exc.rank] if exc.rank < len(t.peers) else None
         raise PipelineError(f"rank {exc.rank} ({peer.host if peer else '?'}) failed during start-up: "
                             f"{exc.what}") from None
+    except KeyboardInterrupt:                             # Ctrl-C while loading: the job ends with 130
+        guard.code = 130
+        raise
     guard.disarm()
     atexit.register(_head_at_exit, pipe)
     return pipe

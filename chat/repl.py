@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, TextIO
@@ -284,6 +286,66 @@ class CtrlCWatcher:
                 break
             presses += data.count(b"\x03")
         return presses
+
+
+class LoadingCtrlC:
+    """Spawn mode on a terminal, from start-up until the chat's own Ctrl-C handling takes over.
+
+    Why: the process manager MPICH forks for the workers shares our foreground process group, so a
+    Ctrl-C that the terminal turns into SIGINT reaches it too, and it kills every rank at once (the head
+    with SIGKILL, without a word). So the terminal sends no signals (as while generating) and a thread
+    reads Ctrl-C as a byte (other keys typed meanwhile are dropped). A press is held until `arm()` (every
+    rank has joined, so aborting the job reaches them all), then raised in the main thread as
+    KeyboardInterrupt, wherever the start-up is.
+    """
+
+    def __init__(self, fd: int):
+        self.keys = CtrlCWatcher(fd)
+        self.keys.resume()
+        self.pressed = False
+        self._armed = self._sent = False
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._main = threading.main_thread().ident
+        self._thread = threading.Thread(target=self._read, name="ctrl-c-while-loading", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            if select.select([self.keys.fd], [], [], 0.05)[0] and self.keys.poll():
+                with self._lock:
+                    self.pressed = True
+                self._deliver()
+
+    def arm(self) -> None:
+        """From now on a press interrupts the main thread (one held since start-up does so at once)."""
+        with self._lock:
+            self._armed = True
+        self._deliver()
+
+    def _deliver(self) -> None:
+        with self._lock:
+            if self._armed and self.pressed and not self._sent and not self._stop.is_set():
+                self._sent = True
+                signal.pthread_kill(self._main, signal.SIGINT)
+
+    def stop(self) -> None:
+        """The chat takes over (or the process leaves): the thread ends, the terminal is as it was."""
+        with self._lock:                            # no interrupt is delivered after this
+            self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+        self.keys.pause()
+
+
+def make_loading_ctrl_c(opts) -> LoadingCtrlC | None:
+    """A LoadingCtrlC in spawn mode with a terminal on stdin, else None (elsewhere SIGINT is ours)."""
+    if under_mpiexec() or not (opts.np or 0) > 1 or not sys.stdin.isatty():
+        return None
+    try:
+        return LoadingCtrlC(sys.stdin.fileno())
+    except (OSError, ValueError, ImportError):
+        return None
 
 
 def make_ctrl_c_watcher(opts, reader=None) -> CtrlCWatcher | None:

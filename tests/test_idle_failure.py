@@ -5,6 +5,8 @@ supervisor (after chat/launch.py's SUPERVISE_GRACE_S, in its own words, without 
 happen instead (issue 4): the head prints its one line naming rank, host and layers within about a
 second, every process of the job is gone within 10 s, and the status is not 0. Both input modes: the
 prompt_toolkit prompt on a terminal (spawn mode) and plain lines from a pipe nobody writes (mpiexec).
+
+Also here, the other gap before the chat owns the terminal: Ctrl-C while spawn mode starts and loads.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import queue
 import signal
 import socket
 import subprocess
+import termios
 import threading
 import time
 
@@ -226,6 +229,32 @@ def test_mpiexec_plain_reader_notices_a_killed_worker_without_input(tmp_path, fi
         proc.stdin.close()
         if proc.poll() is None:
             proc.kill()
+        for pid in tagged_pids(tag):
+            _kill_quietly(pid)
+
+
+def test_spawn_ctrl_c_while_starting_is_one_line_and_130(tmp_path, fixtures):
+    """Ctrl-C typed while spawn mode starts (workers spawning, the model loading) used to reach MPICH's
+    process manager, which SIGKILLed every rank without a word. Now the key is read as a byte, held until
+    every rank has joined, and the head leaves with one line and status 130, no rank left behind."""
+    model = _stories(fixtures)
+    env, tag = tagged_env(tmp_path)
+    child = spawn(["-m", model, "--np", "2", "--interactive-first", "-p", "Once", "-c", "64"], env)
+    try:
+        deadline = time.monotonic() + 20
+        while termios.tcgetattr(child.child_fd)[3] & termios.ISIG:     # the head took Ctrl-C over
+            assert time.monotonic() < deadline and child.isalive(), "the terminal kept sending signals"
+            time.sleep(0.01)
+        child.send("\x03")
+        child.expect_exact("interrupted before the chat started", timeout=20)
+        screen = child.before
+        assert finish(child, timeout=10) == 130
+        assert "plan: spawn, 2 ranks" in screen                        # the cluster was up, then stopped
+        assert "Sending Ctrl-C" not in screen + child.before
+        assert_no_rank_left(tag, grace_s=10)
+    finally:
+        if child.isalive():
+            child.terminate(force=True)
         for pid in tagged_pids(tag):
             _kill_quietly(pid)
 
