@@ -19,14 +19,13 @@ import json
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
-from .quants import SUPPORTED_TYPES, make_qtensor
+from .quants import SUPPORTED_TYPES, TilePool, make_qtensor
 from .quants.layout import FORMATS
 
 ORDER = ["f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k",
@@ -184,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown type(s) {', '.join(bad)}; choose from {','.join(ORDER)}" if bad
               else "error: --threads must be >= 1", file=sys.stderr)
         return 2
-    pool = ThreadPoolExecutor(args.threads) if args.threads > 1 else None
+    pool = TilePool(args.threads) if args.threads > 1 else None
     result: dict = {"threads": args.threads, "numpy": np.__version__}
     try:
         if not args.no_kernels:

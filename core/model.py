@@ -7,7 +7,6 @@ know about MPI, tokenizers or sampling; core/pipeline.py chains stages across ra
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +16,7 @@ from .errors import TokenizerError
 from .kv_cache import KVCache
 from .loader import ModelFile
 from .ops import attention, rmsnorm, rope, rope_angles, swiglu
-from .quants import QTensor, dequantize, make_qtensor
+from .quants import QTensor, TilePool, dequantize, make_qtensor
 
 
 @dataclass
@@ -43,7 +42,7 @@ class Stage:
         embed: load token_embd for `embed()`.
         head: load output_norm and output (token_embd when the output is tied) for `logits()`.
         n_ctx: positions the KV cache holds.
-        threads: > 1 runs the matrix products on a thread pool of that size.
+        threads: > 1 shares the matrix products among that many threads (this one included).
     """
 
     def __init__(self, model: ModelFile, layers: range, *, embed: bool, head: bool, n_ctx: int,
@@ -53,7 +52,7 @@ class Stage:
             raise ValueError(f"layer range {layers} is not a slice of the model's {cfg.n_layer} layers")
         self.model, self.config, self.layers = model, cfg, layers
         self.has_embed, self.has_head = embed, head
-        self._pool = ThreadPoolExecutor(max_workers=threads) if threads > 1 else None
+        self._pool = TilePool(threads) if threads > 1 else None
         self.token_embd = self._matrix("token_embd.weight") if embed or (head and cfg.tied_output) else None
         self.output_norm = self._vector("output_norm.weight") if head else None
         if head:

@@ -6,7 +6,6 @@ subnormal, zero, negative), so every bit pattern of codes and sub-block scales o
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 
 import gguf
 import numpy as np
@@ -16,7 +15,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize as ref_dequantize
 
 from core.errors import UnsupportedModelError
-from core.quants import SUPPORTED_TYPES, dequantize, make_qtensor
+from core.quants import SUPPORTED_TYPES, TilePool, dequantize, make_qtensor
 
 BLOCK_TYPES = [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K,
                QT.IQ4_NL, QT.IQ4_XS]
@@ -136,7 +135,7 @@ def test_matmul_thread_pool_identical(qt):
     n_out, n_in = 1100, 512
     data = random_blocks(qt, n_out, n_in) if qt in BLOCK_TYPES else random_floats(qt, n_out, n_in)
     qtensor = make_qtensor(qt, data, (n_out, n_in))
-    with ThreadPoolExecutor(2) as pool:
+    with TilePool(2) as pool:
         for T in (1, 9):
             x = np.random.default_rng(T).standard_normal((T, n_in)).astype(np.float32)
             assert np.array_equal(qtensor.matmul(x, pool=pool), qtensor.matmul(x))

@@ -2,7 +2,7 @@
 
 Public API (the contract the rest of core/ codes against):
   make_qtensor(qtype, data, shape) -> QTensor   (data: a GGUFReader tensor's .data; shape: (n_out, n_in))
-  QTensor.matmul(x (T, n_in), pool=None) -> (T, n_out);  QTensor.get_rows(ids);  .nbytes .qtype .shape
+  QTensor.matmul(x (T, n_in), pool=None) -> (T, n_out) (pool: a TilePool(threads));  QTensor.get_rows(ids);  .nbytes .qtype .shape
   dequantize(data, qtype) -> float32 (bit-exact with gguf.quants.dequantize);  SUPPORTED_TYPES
 Modules: layout.py (repacked layout, bit helpers), legacy.py (32-weight blocks), kquants.py (K-quants,
 IQ4_XS), floats.py (F32/F16/BF16), qtensor.py (tiles, products, threads).
@@ -14,9 +14,9 @@ from gguf import GGMLQuantizationType as QT
 
 from .floats import float_rows, widen
 from .layout import FORMATS
-from .qtensor import SUPPORTED_TYPES, QTensor, check_type, reconstruct, repack_blocks
+from .qtensor import SUPPORTED_TYPES, QTensor, TilePool, check_type, reconstruct, repack_blocks
 
-__all__ = ["SUPPORTED_TYPES", "QTensor", "make_qtensor", "dequantize"]
+__all__ = ["SUPPORTED_TYPES", "QTensor", "TilePool", "make_qtensor", "dequantize"]
 
 
 def make_qtensor(qtype: QT, data: np.ndarray, shape: tuple[int, int]) -> QTensor:
