@@ -104,6 +104,11 @@ def _report(r: dict) -> str:
         lines.append(f"  {name}: compute per rank {', '.join(f'{c:.3f} s' for c in busy)} (CPU time "
                      f"{', '.join(f'{c:.3f} s' for c in cpu)}); ranks busy "
                      f"{100 * sum(busy) / (len(busy) * r[f'{name}_s']):.0f}% of the wall time")
+    m, n = -(-r["tokens"] // r["ubatch"]), r["ranks"]
+    grew = sum(r["pipelined_compute_s"]) / sum(r["unpipelined_compute_s"])
+    lines.append(f"  bounds: {m} micro-batches through {n} stages cannot beat {n * m / (n + m - 1):.2f}x (fill and drain); "
+                 f"the ranks' compute grew {100 * (grew - 1):.0f}% when micro-batched (smaller products, "
+                 f"busy cores side by side), which leaves {n * m / (n + m - 1) / grew:.2f}x")
     for rank, (rss, w, kv) in enumerate(zip(r["rss_mib"], r["weight_mib"], r["kv_mib"])):
         share = w + kv
         lines.append(f"rank {rank}: RSS {rss:7.1f} MiB; share (weights {w:.1f} + KV {kv:.1f}) {share:7.1f} MiB; "
