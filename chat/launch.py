@@ -23,6 +23,7 @@ from typing import Any, Callable
 from core.errors import LlamaMpiError, PipelineError, UsageError
 from core.loader import ModelFile, open_model
 from core.model import Stage
+from core.notice import send_notice
 from core.partition import format_layers, split_layers
 from core.pipeline import LocalPipeline, MpiPipeline, Pipeline, serve_worker
 
@@ -32,6 +33,8 @@ FAULT_ENV = "LLAMA_MPI_FAULT"        # tests only: "RANK:N" = rank RANK fails at
 UBATCH_ENV = "LLAMA_MPI_UBATCH"      # micro-batch size for pipelined prefill (0 = off; unset = automatic)
 WORKER_FLAG = "--llama-mpi-worker"   # argv of a spawned worker: python -m chat.launch --llama-mpi-worker
 SUPERVISE_GRACE_S = 3.0              # a worker's supervisor waits this long for the head to report a death
+_NOTICE_FD: int | None = None        # a supervised rank: the pipe on which it tells its supervisor the
+                                     # head's notice address (see _supervise)
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,7 @@ def start_cluster(opts: Any, on_plan: Callable[[Plan], None] | None = None) -> P
         t = transport.world()
     t.exchange_peers()
     if t.rank != 0:
+        _tell_supervisor(t.head_notice)
         _worker_signals()
         _worker(t, _local_model(opts), _local_threads(opts))
         return None            # exit 0 even after a failure: the head's status is the job's (hydra
@@ -306,23 +310,55 @@ def _supervise(rank: int | None) -> None:
     """Split a worker into a supervisor (the process the launcher started) and the MPI rank (its
     child, which returns from here). With hydra, a rank that dies makes the launcher SIGKILL the
     whole job at once, before the head can say which rank it was. Here the launcher's process stays
-    alive: the head notices the lost rank, names it in one line and aborts the job (which ends this
-    supervisor too). If nothing happens within SUPERVISE_GRACE_S (the head is elsewhere or gone), the
-    supervisor names the rank itself and exits, and the launcher cleans up as before."""
+    alive and the head names the lost rank in one line and aborts the job (which ends this supervisor
+    too): the head sees a same-host rank vanish itself, and this supervisor sends it a notice
+    (core/notice.py) when the rank ran on another host. If nothing happens within SUPERVISE_GRACE_S
+    (the head is gone or unreachable), the supervisor names the rank itself and dies by SIGKILL: the
+    launcher ends the whole job when a rank dies by a signal, while a plain non-zero exit would leave
+    the head waiting for that rank forever."""
+    global _NOTICE_FD
+    read_fd, write_fd = os.pipe()                          # the rank tells us where the head listens
     pid = os.fork()
     if pid == 0:
+        os.close(read_fd)
+        _NOTICE_FD = write_fd
         _die_with_parent()
         return
+    os.close(write_fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(pid, signal.SIGTERM))
     _, status = os.waitpid(pid, 0)
-    if os.WIFSIGNALED(status):
+    if os.WIFSIGNALED(status) or os.WEXITSTATUS(status) != 0:
+        os.set_blocking(read_fd, False)
+        try:
+            head = os.read(read_fd, 1024).decode(errors="replace").strip()
+        except BlockingIOError:                            # the rank never said (died before)
+            head = ""
+        host = socket.gethostname()
+        if os.WIFSIGNALED(status):
+            how = f"killed by signal {os.WTERMSIG(status)}"
+            said = f"was {how}"
+        else:
+            how = said = f"exited with status {os.WEXITSTATUS(status)}"
+        if head and rank is not None and head.rpartition(":")[0] != host:   # same host: the head sees
+            send_notice(head, rank, f"the process is gone ({how})")          # the pid go by itself
         time.sleep(SUPERVISE_GRACE_S)
-        sig = os.WTERMSIG(status)
-        print(f"llama-mpi: rank {rank} ({socket.gethostname()}) was killed by signal {sig}; stopping the "
-              f"MPI job", file=sys.stderr, flush=True)
-        os._exit(128 + sig)
-    os._exit(os.WEXITSTATUS(status))
+        print(f"llama-mpi: rank {rank} ({host}) {said}; stopping the MPI job", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    os._exit(0)
+
+
+def _tell_supervisor(head_notice: str | None) -> None:
+    """(the MPI rank of a supervised worker) pass the head's notice address to the supervisor."""
+    global _NOTICE_FD
+    if _NOTICE_FD is None:
+        return
+    try:
+        if head_notice:
+            os.write(_NOTICE_FD, head_notice.encode() + b"\n")
+    finally:
+        os.close(_NOTICE_FD)
+        _NOTICE_FD = None
 
 
 def _die_with_parent() -> None:
@@ -413,6 +449,7 @@ def worker_main() -> int:
         print("error: this entry point is for workers spawned by llama-mpi --np N", file=sys.stderr)
         return 2
     t.exchange_peers()
+    _tell_supervisor(t.head_notice)
     _worker_signals()
     _worker(t, None, None)
     return 0

@@ -4,7 +4,8 @@ pickled records between ranks, and never lets a waiting rank spin a core.
 Every wait here is a poll: non-blocking request, `Test`, short sleep with back-off (MPICH's blocking waits
 busy-poll, which on a 2-core machine steals the computing rank's core). While it waits, a rank also
 watches for trouble: a worker watches its control channel for the head's Abort; the head watches a
-report channel on which a failing worker sends one pickled line; both check that same-host peers are
+report channel on which a failing worker sends one pickled line, and a notice board (core/notice.py) on
+which the supervisor of a rank that died, on any host, says so; both check that same-host peers are
 still alive. It knows nothing about models or layers (core/pipeline.py decides what to send).
 
 The head "broadcasts" a control frame by sending it to each worker point to point, in order: a posted
@@ -27,6 +28,7 @@ import numpy as np
 
 from .errors import PipelineError
 from .control import FRAME_LEN, Abort, Message, Shutdown, decode, encode
+from .notice import NoticeBoard
 
 # Message tags (one per channel, so the channels never match each other's receives).
 TAG_CTRL, TAG_DATA, TAG_REPORT, TAG_OBJ_LEN, TAG_OBJ = 11, 12, 13, 14, 15
@@ -98,14 +100,24 @@ class Transport:
         self._stash: list[tuple[Message, int]] = []         # worker: control frames that arrived early
         self._report_buf = np.zeros(REPORT_BYTES, dtype=np.uint8)
         self._report_req = None              # head: pending failure-report receive (any source)
+        self._board: NoticeBoard | None = None   # head: where workers' supervisors report a dead rank
+        self.head_notice: str | None = None  # everyone: the head's notice address "HOST:PORT" (core/notice.py)
         self._last_liveness = time.monotonic()
         self._closed = False
 
     # ---- setup -----------------------------------------------------------------------------------
     def exchange_peers(self) -> list[Peer]:
-        """Everyone learns every rank's host and pid (collective; called once, before any model work)."""
-        table = self.comm.allgather((self.rank, self.host, os.getpid()))
-        self.peers = [Peer(r, h, p) for r, h, p in table]
+        """Everyone learns every rank's host and pid, and the head's notice address (collective; called
+        once, before any model work)."""
+        if self.rank == 0:
+            try:
+                self._board = NoticeBoard()
+            except OSError:                  # no socket: same-host liveness checks still work
+                self._board = None
+        mine = (self.rank, self.host, os.getpid(), self._board.address if self._board else None)
+        table = self.comm.allgather(mine)
+        self.peers = [Peer(r, h, p) for r, h, p, _ in table]
+        self.head_notice = table[0][3]
         if self.rank == 0:
             self._post_report_recv()
         else:
@@ -206,6 +218,9 @@ class Transport:
             self._report_req = None
             rank, text = pickle.loads(self._report_buf.tobytes())
             raise PeerFailed(rank, text)
+        notice = self._board.poll() if self._board is not None else None
+        if notice is not None and 0 < notice[0] < self.size:
+            raise PeerFailed(*notice)
 
     def poll_failure(self) -> None:
         """(head) raise PeerFailed if a worker has reported a failure or vanished, else return."""
@@ -303,6 +318,8 @@ class Transport:
         if self._closed:
             return
         self._closed = True
+        if self._board is not None:
+            self._board.close()
         for req in (self._report_req, self._ctrl_req):
             if req is not None and not req.Test():
                 req.Cancel()

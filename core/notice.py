@@ -1,0 +1,73 @@
+"""Death notices: a worker's supervisor tells the head, over one short TCP connection, that its rank died.
+
+Why: the head checks that ranks on ITS host are alive by their pid, and MPI does not report a dead peer;
+a rank on another host that is killed would leave the head waiting for it forever. Each worker runs under
+a supervisor process (chat/launch.py) that outlives it; the supervisor connects to the head's notice
+board and sends one line, and the head raises the usual failure naming the rank (core/transport.py).
+
+Owns: the head's listening socket (NoticeBoard, polled without blocking) and the wire form of a notice:
+one UTF-8 line "RANK TEXT\\n". Must not: import mpi4py, know about layers or models, or block the head.
+The address is "HOST:PORT" with the head's host name as MPI's launcher also uses it (its proxies connect
+back to the head the same way), so it resolves wherever the job could start at all.
+"""
+from __future__ import annotations
+
+import socket
+
+NOTICE_MAX = 512               # bytes of one notice (a rank number and a short text)
+READ_TIMEOUT_S = 1.0           # a connected supervisor has this long to deliver its line
+
+
+class NoticeBoard:
+    """(head) A listening TCP socket on every interface, port chosen by the system."""
+
+    def __init__(self) -> None:
+        self._sock = socket.create_server(("", 0), family=socket.AF_INET, backlog=16)
+        self._sock.setblocking(False)
+        self.address = f"{socket.gethostname()}:{self._sock.getsockname()[1]}"
+
+    def poll(self) -> tuple[int, str] | None:
+        """A notice that has arrived, as (rank, text), or None at once. Malformed connections are dropped."""
+        if self._sock is None:
+            return None
+        try:
+            conn, _ = self._sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return None
+        with conn:
+            conn.settimeout(READ_TIMEOUT_S)
+            data = b""
+            try:
+                while b"\n" not in data and len(data) < NOTICE_MAX:
+                    chunk = conn.recv(NOTICE_MAX - len(data))
+                    if not chunk:
+                        break
+                    data += chunk
+            except OSError:
+                return None
+        return parse_notice(data)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def parse_notice(data: bytes) -> tuple[int, str] | None:
+    """b"3 text\\n" -> (3, "text"); None for anything else."""
+    rank, _, text = data.decode("utf-8", errors="replace").partition("\n")[0].partition(" ")
+    if not rank.isdigit() or not text.strip():
+        return None
+    return int(rank), " ".join(text.split())
+
+
+def send_notice(address: str, rank: int, text: str, timeout_s: float = 2.0) -> bool:
+    """(supervisor) Deliver one notice to the board at "HOST:PORT"; False if it could not be delivered."""
+    host, _, port = address.rpartition(":")
+    line = f"{rank} {' '.join(text.split())}\n".encode()[:NOTICE_MAX]
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s) as conn:
+            conn.sendall(line)
+        return True
+    except (OSError, ValueError):
+        return False

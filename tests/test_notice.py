@@ -1,0 +1,50 @@
+"""core/notice.py: a supervisor's death notice reaches the head's board; anything else is ignored."""
+from __future__ import annotations
+
+import socket
+import time
+
+from core.notice import NoticeBoard, parse_notice, send_notice
+
+
+def poll_until(board: NoticeBoard, timeout: float = 3.0):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        got = board.poll()
+        if got is not None:
+            return got
+        time.sleep(0.01)
+    return None
+
+
+def test_parse_notice():
+    assert parse_notice(b"3 the process is gone (killed by signal 9)\n") == (3, "the process is gone (killed by signal 9)")
+    assert parse_notice(b"12   spaced\t out \n") == (12, "spaced out")
+    for bad in (b"", b"\n", b"x gone\n", b"-1 gone\n", b"3\n", b"3 \n", b"GET / HTTP/1.1\r\n"):
+        assert parse_notice(bad) is None
+
+
+def test_a_notice_is_delivered_and_polling_never_blocks():
+    board = NoticeBoard()
+    try:
+        t0 = time.monotonic()
+        assert board.poll() is None and time.monotonic() - t0 < 0.1      # nothing there: returns at once
+        port = board.address.rpartition(":")[2]
+        assert board.address == f"{socket.gethostname()}:{port}"
+        assert send_notice(f"127.0.0.1:{port}", 2, "the process is gone (exited with status 1)")
+        assert poll_until(board) == (2, "the process is gone (exited with status 1)")
+        with socket.create_connection(("127.0.0.1", int(port))) as junk:  # not a notice: dropped
+            junk.sendall(b"hello\n")
+        time.sleep(0.1)
+        assert board.poll() is None
+    finally:
+        board.close()
+    assert board.poll() is None
+
+
+def test_sending_to_nobody_fails_quietly():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]                                          # bound, not listening
+    assert send_notice(f"127.0.0.1:{port}", 1, "gone", timeout_s=0.5) is False
+    assert send_notice("no-port-here", 1, "gone") is False

@@ -1,0 +1,153 @@
+"""Two hosts on one machine: hydra's mpiexec starts rank 1 through tests/as_another_host.sh (an ssh
+stand-in that gives the rank its own host name, 127.0.0.2), so MPI treats it as another node and
+llama-mpi cannot see its process. Checks what only a real cluster shows: the plan names both hosts,
+results equal the single-process run, node-local options apply, and a killed rank on the other host
+is named by the head in one line (its supervisor's notice, core/notice.py) with every process gone."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from chat.launch import start_cluster
+from chat.options import parse_options
+from mpi_driver import generate
+from mpi_helpers import PROMPT, REPO, descendants, alive, load, model, mpiexec, rank_pid, run
+
+LAUNCHER = REPO / "tests" / "as_another_host.sh"
+OTHER = "127.0.0.2"            # the other host's name (an address, so nothing needs to resolve it)
+HOST = socket.gethostname()
+
+
+@pytest.fixture(scope="module")
+def launcher():
+    probe = subprocess.run(["unshare", "--uts", "sh", "-c", f"hostname {OTHER} && hostname"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0 or probe.stdout.strip() != OTHER:
+        pytest.skip(f"cannot give a process another host name here (unshare --uts: {probe.stderr.strip()})")
+    return [mpiexec(), "-launcher", "ssh", "-launcher-exec", str(LAUNCHER)]
+
+
+def two_hosts(launcher, tmp_path, *ranks: list[str]) -> list[str]:
+    """mpiexec argv running ranks[0] on this host and ranks[1] on OTHER (MPMD; one slot per host)."""
+    hosts = tmp_path / "hostsfile"
+    hosts.write_text(f"{HOST}:1\n{OTHER}:1\n")
+    return [*launcher, "-f", str(hosts), "-n", "1", *ranks[0], ":", "-n", "1", *ranks[1]]
+
+
+def driver(out, n_gen: int, opts: list[str]) -> list[str]:
+    return [sys.executable, str(REPO / "tests" / "mpi_driver.py"), str(out), ",".join(map(str, PROMPT)),
+            str(n_gen), "--all-logits", "--", *opts]
+
+
+def test_a_rank_on_another_host_gives_the_single_process_logits(launcher, tmp_path):
+    out = tmp_path / "r.npz"
+    opts = ["-m", model("stories260K")]
+    r = run(two_hosts(launcher, tmp_path, driver(out, 10, opts), driver(out, 10, opts)),
+            env={"LLAMA_MPI_UBATCH": "0"})
+    assert r.returncode == 0, r.stderr
+    pipe = start_cluster(parse_options(opts))
+    try:
+        tokens, logits, _ = generate(pipe, PROMPT, 10, True, 0)
+    finally:
+        pipe.close()
+    got = load(out)
+    assert got["hosts"].tolist() == [HOST, OTHER]
+    assert got["tokens"].tolist() == tokens
+    assert np.array_equal(got["logits"], logits)
+
+
+def test_plan_names_the_other_host_and_its_node_local_options(launcher, tmp_path):
+    link = tmp_path / "node-copy.gguf"                   # the node's own path to the same file
+    link.symlink_to(model("stories260K"))
+    (tmp_path / "head.txt").write_text(f"-m {model('stories260K')} -p 'Once upon a time' -n 12 --temp 0\n")
+    (tmp_path / "node.txt").write_text(f"# this node's file\n-m {link} -t 2\n")
+    cli = [sys.executable, "-m", "chat"]
+    r = run(two_hosts(launcher, tmp_path, [*cli, str(tmp_path / "head.txt")], [*cli, str(tmp_path / "node.txt")]))
+    assert r.returncode == 0, r.stderr
+    rank1 = [line.split() for line in r.stderr.splitlines() if line.strip().startswith("rank 1")]
+    assert rank1 and rank1[0][2] == OTHER and rank1[0][-1] == "2"     # host, and the node's -t 2
+    single = run([*cli, "-m", model("stories260K"), "-p", "Once upon a time", "-n", "12", "--temp", "0"])
+    assert single.returncode == 0 and r.stdout == single.stdout
+
+
+def test_another_model_on_the_other_host_is_named(launcher, tmp_path):
+    r = run(two_hosts(launcher, tmp_path, driver(tmp_path / "x.npz", 4, ["-m", model("stories260K")]),
+                      driver(tmp_path / "x.npz", 4, ["-m", model("fx256-q4_k_m")])))
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: rank 1 ({OTHER}, layers 3-4): model ")
+
+
+def test_kill_9_on_the_other_host_is_named_by_the_head(launcher, tmp_path):
+    """The head cannot see the process; the rank's supervisor sends a notice, the head names the rank in
+    one line and aborts the job: nothing waits for the dead rank, no process is left."""
+    out = tmp_path / "k.npz"
+    opts = ["-m", model("stories260K"), "-c", "64"]
+    cmd = two_hosts(launcher, tmp_path, driver(out, 100000, opts), driver(out, 100000, opts))
+    cmd = [c for c in cmd if c != "--all-logits"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            start_new_session=True)
+    try:
+        victim = rank_pid(str(out), 1)
+        time.sleep(1.5)                                   # well into the generation
+        tree = descendants(proc.pid)
+        assert proc.poll() is None
+        os.kill(victim, signal.SIGKILL)
+        t_kill = time.monotonic()
+        _, stderr = proc.communicate(timeout=10)
+        noticed = time.monotonic() - t_kill
+        assert proc.returncode != 0
+        assert [line for line in stderr.splitlines() if line.strip()] == [
+            f"error: rank 1 ({OTHER}, layers 3-4) failed: the process is gone (killed by signal 9)"]
+        assert noticed < 3.0                              # the head spoke, before the supervisor's grace
+        while alive(tree) and time.monotonic() - t_kill < 10:
+            time.sleep(0.05)
+        assert not alive(tree)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_head_waiting_for_input_names_a_rank_killed_on_the_other_host(launcher, tmp_path):
+    """The chat waits for a line that never comes (stdin an open, silent pipe); rank 1 on the other host
+    is killed: the head, polling its notice board while it waits, names it in one line and exits."""
+    opts = tmp_path / "chat.txt"                          # also the marker that finds the ranks
+    opts.write_text(f"-m {model('stories260K')} --interactive-first -p Once -c 64\n")
+    cli = [sys.executable, "-m", "chat", str(opts)]
+    proc = subprocess.Popen(two_hosts(launcher, tmp_path, cli, cli), stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:
+        victim = rank_pid(str(opts), 1)
+        deadline = time.monotonic() + 30                  # the preamble ends: the chat reads input now
+        while not any("Ctrl-D quits" in line for line in lines) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)
+        tree = descendants(proc.pid)
+        n_before = len(lines)
+        os.kill(victim, signal.SIGKILL)
+        t_kill = time.monotonic()
+        proc.wait(timeout=10)                             # stdin stays open: only the failure ends it
+        reader.join(timeout=5)
+        assert time.monotonic() - t_kill < 3.0
+        assert proc.returncode != 0
+        assert [line.rstrip("\n") for line in lines[n_before:] if line.strip()] == [
+            f"error: rank 1 ({OTHER}, layers 3-4) failed: the process is gone (killed by signal 9)"]
+        while alive(tree) and time.monotonic() - t_kill < 10:
+            time.sleep(0.05)
+        assert not alive(tree)
+    finally:
+        proc.stdin.close()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
