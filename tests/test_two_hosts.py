@@ -151,3 +151,18 @@ def test_head_waiting_for_input_names_a_rank_killed_on_the_other_host(launcher, 
         proc.stdin.close()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_spawn_mode_places_workers_from_the_hostfile_on_the_other_host(launcher, tmp_path):
+    """`llama-mpi --np 2 --hostfile F`: MPICH's Spawn starts its own hydra, which takes the launcher
+    from HYDRA_LAUNCHER / HYDRA_LAUNCHER_EXEC; the worker lands on the other host, output unchanged."""
+    hosts = tmp_path / "hostsfile"
+    hosts.write_text(f"{OTHER}:2\n")
+    args = ["-m", model("stories260K"), "-p", "Once upon a time", "-n", "12", "--temp", "0"]
+    env = {"HYDRA_LAUNCHER": "ssh", "HYDRA_LAUNCHER_EXEC": str(LAUNCHER)}
+    r = run([sys.executable, "-m", "chat", "--np", "2", "--hostfile", str(hosts), *args], env=env)
+    assert r.returncode == 0, r.stderr
+    rank1 = [line.split() for line in r.stderr.splitlines() if line.strip().startswith("rank 1")]
+    assert rank1 and rank1[0][2] == OTHER
+    single = run([sys.executable, "-m", "chat", *args])
+    assert single.returncode == 0 and r.stdout == single.stdout
