@@ -60,6 +60,13 @@ def test_softmax_values_and_masking():
     np.testing.assert_allclose(big, [0.5, 0.5])
 
 
+def test_swiglu_in_row_blocks_is_bitwise_silu_times_up():
+    rng = np.random.default_rng(5)
+    gate = (rng.standard_normal((37, 300)) * 30).astype(np.float32)     # 37 rows: a partial last block
+    up = rng.standard_normal((37, 300)).astype(np.float32)
+    assert np.array_equal(swiglu(gate, up), silu(gate) * up)
+
+
 def test_silu_and_swiglu_hand_values():
     np.testing.assert_allclose(silu(np.array([0.0, 1.0, -1.0], np.float32)),
                                [0.0, 1 / (1 + math.exp(-1)), -1 / (1 + math.exp(1))], rtol=1e-6)
