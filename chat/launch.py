@@ -23,7 +23,7 @@ from typing import Any, Callable
 from core.errors import LlamaMpiError, PipelineError, UsageError
 from core.loader import ModelFile, open_model
 from core.model import Stage
-from core.notice import send_notice
+from core.notice import notice_host, send_notice
 from core.partition import format_layers, split_layers
 from core.pipeline import LocalPipeline, MpiPipeline, Pipeline, serve_worker
 
@@ -340,7 +340,7 @@ def _supervise(rank: int | None) -> None:
             said = f"was {how}"
         else:
             how = said = f"exited with status {os.WEXITSTATUS(status)}"
-        if head and rank is not None and head.rpartition(":")[0] != host:   # same host: the head sees
+        if head and rank is not None and notice_host(head) != host:   # same host: the head sees
             send_notice(head, rank, f"the process is gone ({how})")          # the pid go by itself
         time.sleep(SUPERVISE_GRACE_S)
         print(f"llama-mpi: rank {rank} ({host}) {said}; stopping the MPI job", file=sys.stderr, flush=True)

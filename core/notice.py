@@ -6,12 +6,14 @@ a supervisor process (chat/launch.py) that outlives it; the supervisor connects 
 board and sends one line, and the head raises the usual failure naming the rank (core/transport.py).
 
 Owns: the head's listening socket (NoticeBoard, polled without blocking) and the wire form of a notice:
-one UTF-8 line "RANK TEXT\\n". Must not: import mpi4py, know about layers or models, or block the head.
-The address is "HOST:PORT" with the head's host name as MPI's launcher also uses it (its proxies connect
-back to the head the same way), so it resolves wherever the job could start at all.
+one UTF-8 line "KEY RANK TEXT\\n". Must not: import mpi4py, know about layers or models, or block the head.
+The address is "HOST:PORT/KEY": the head's host name as MPI's launcher also uses it (its proxies connect
+back to the head the same way, so it resolves wherever the job could start at all), and a random key that
+only the job's ranks learn (with the peer table), so a stray connection can never stop a session.
 """
 from __future__ import annotations
 
+import secrets
 import socket
 
 NOTICE_MAX = 512               # bytes of one notice (a rank number and a short text)
@@ -24,7 +26,8 @@ class NoticeBoard:
     def __init__(self) -> None:
         self._sock = socket.create_server(("", 0), family=socket.AF_INET, backlog=16)
         self._sock.setblocking(False)
-        self.address = f"{socket.gethostname()}:{self._sock.getsockname()[1]}"
+        self._key = secrets.token_hex(8)
+        self.address = f"{socket.gethostname()}:{self._sock.getsockname()[1]}/{self._key}"
 
     def poll(self) -> tuple[int, str] | None:
         """A notice that has arrived, as (rank, text), or None at once. Malformed connections are dropped."""
@@ -45,7 +48,7 @@ class NoticeBoard:
                     data += chunk
             except OSError:
                 return None
-        return parse_notice(data)
+        return parse_notice(data, self._key)
 
     def close(self) -> None:
         if self._sock is not None:
@@ -53,18 +56,24 @@ class NoticeBoard:
             self._sock = None
 
 
-def parse_notice(data: bytes) -> tuple[int, str] | None:
-    """b"3 text\\n" -> (3, "text"); None for anything else."""
-    rank, _, text = data.decode("utf-8", errors="replace").partition("\n")[0].partition(" ")
-    if not rank.isdigit() or not text.strip():
+def parse_notice(data: bytes, key: str) -> tuple[int, str] | None:
+    """b"KEY 3 text\\n" -> (3, "text"); None for anything else (another key included)."""
+    words = data.decode("utf-8", errors="replace").partition("\n")[0].split()
+    if len(words) < 3 or words[0] != key or not words[1].isdigit():
         return None
-    return int(rank), " ".join(text.split())
+    return int(words[1]), " ".join(words[2:])
+
+
+def notice_host(address: str) -> str:
+    """The head's host name in a notice address "HOST:PORT/KEY"."""
+    return address.partition("/")[0].rpartition(":")[0]
 
 
 def send_notice(address: str, rank: int, text: str, timeout_s: float = 2.0) -> bool:
-    """(supervisor) Deliver one notice to the board at "HOST:PORT"; False if it could not be delivered."""
-    host, _, port = address.rpartition(":")
-    line = f"{rank} {' '.join(text.split())}\n".encode()[:NOTICE_MAX]
+    """(supervisor) Deliver one notice to the board at "HOST:PORT/KEY"; False if it could not be delivered."""
+    where, _, key = address.partition("/")
+    host, _, port = where.rpartition(":")
+    line = f"{key} {rank} {' '.join(text.split())}\n".encode()[:NOTICE_MAX]
     try:
         with socket.create_connection((host, int(port)), timeout=timeout_s) as conn:
             conn.sendall(line)

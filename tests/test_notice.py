@@ -4,7 +4,7 @@ from __future__ import annotations
 import socket
 import time
 
-from core.notice import NoticeBoard, parse_notice, send_notice
+from core.notice import NoticeBoard, notice_host, parse_notice, send_notice
 
 
 def poll_until(board: NoticeBoard, timeout: float = 3.0):
@@ -18,10 +18,12 @@ def poll_until(board: NoticeBoard, timeout: float = 3.0):
 
 
 def test_parse_notice():
-    assert parse_notice(b"3 the process is gone (killed by signal 9)\n") == (3, "the process is gone (killed by signal 9)")
-    assert parse_notice(b"12   spaced\t out \n") == (12, "spaced out")
-    for bad in (b"", b"\n", b"x gone\n", b"-1 gone\n", b"3\n", b"3 \n", b"GET / HTTP/1.1\r\n"):
-        assert parse_notice(bad) is None
+    assert parse_notice(b"k3y 3 the process is gone (killed by signal 9)\n", "k3y") == (
+        3, "the process is gone (killed by signal 9)")
+    assert parse_notice(b"k3y 12   spaced\t out \n", "k3y") == (12, "spaced out")
+    for bad in (b"", b"\n", b"k3y x gone\n", b"k3y -1 gone\n", b"k3y 3\n", b"k3y 3 \n", b"3 gone\n",
+                b"other 3 gone\n", b"GET / HTTP/1.1\r\n"):
+        assert parse_notice(bad, "k3y") is None
 
 
 def test_a_notice_is_delivered_and_polling_never_blocks():
@@ -29,14 +31,17 @@ def test_a_notice_is_delivered_and_polling_never_blocks():
     try:
         t0 = time.monotonic()
         assert board.poll() is None and time.monotonic() - t0 < 0.1      # nothing there: returns at once
-        port = board.address.rpartition(":")[2]
-        assert board.address == f"{socket.gethostname()}:{port}"
-        assert send_notice(f"127.0.0.1:{port}", 2, "the process is gone (exited with status 1)")
+        where, _, key = board.address.partition("/")
+        port = where.rpartition(":")[2]
+        assert notice_host(board.address) == socket.gethostname() and len(key) == 16
+        local = f"127.0.0.1:{port}/{key}"
+        assert send_notice(local, 2, "the process is gone (exited with status 1)")
         assert poll_until(board) == (2, "the process is gone (exited with status 1)")
-        with socket.create_connection(("127.0.0.1", int(port))) as junk:  # not a notice: dropped
+        assert send_notice(f"127.0.0.1:{port}/wrongkey", 1, "gone")         # delivered, but not believed
+        with socket.create_connection(("127.0.0.1", int(port))) as junk:  # not a notice at all
             junk.sendall(b"hello\n")
         time.sleep(0.1)
-        assert board.poll() is None
+        assert board.poll() is None and board.poll() is None
     finally:
         board.close()
     assert board.poll() is None
@@ -46,5 +51,5 @@ def test_sending_to_nobody_fails_quietly():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]                                          # bound, not listening
-    assert send_notice(f"127.0.0.1:{port}", 1, "gone", timeout_s=0.5) is False
+    assert send_notice(f"127.0.0.1:{port}/k", 1, "gone", timeout_s=0.5) is False
     assert send_notice("no-port-here", 1, "gone") is False
