@@ -132,3 +132,11 @@ def alive(pids: list[int]) -> list[int]:
         if state != "Z":
             left.append(pid)
     return left
+
+
+def still_alive_after(pids: list[int], since: float, limit: float, step: float = 0.05) -> list[int]:
+    """Wait until none of `pids` is alive or `limit` seconds have passed since `since` (a monotonic
+    time); return the ones still alive (empty: all gone in time)."""
+    while alive(pids) and time.monotonic() - since < limit:
+        time.sleep(step)
+    return alive(pids)

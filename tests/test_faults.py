@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from mpi_helpers import (REPO, alive, descendants, driver_cmd, mpiexec, model, rank_pid, run,
-                         wait_gone)
+from mpi_helpers import (REPO, descendants, driver_cmd, mpiexec, model, rank_pid, run,
+                         still_alive_after, wait_gone)
 
 HOST = socket.gethostname()
 WORKER_MARK = "--llama-mpi-worker"
@@ -64,10 +64,7 @@ def test_injected_exception_in_spawn_mode(tmp_path):
     assert proc.returncode != 0
     assert error_lines(stderr)[0] == (
         f"error: rank 2 ({HOST}, layers 4) failed: RuntimeError: injected fault at evaluation 2")
-    t0 = time.monotonic()
-    while alive(list(seen)) and time.monotonic() - t0 < 10:
-        time.sleep(0.05)
-    assert not alive(list(seen))
+    assert not still_alive_after(list(seen), time.monotonic(), 10)
 
 
 def test_wrong_split_count(tmp_path):
@@ -159,9 +156,7 @@ def test_kill_9_of_a_worker_mid_generation(tmp_path, spawn):
         layers = "4" if spawn else "2-3"
         assert error_lines(stderr) == [
             f"error: rank {victim} ({HOST}, layers {layers}) failed: the process is gone (killed or crashed)"]
-        while alive(tree) and time.monotonic() - t_kill < 10:
-            time.sleep(0.05)
-        assert not alive(tree)
+        assert not still_alive_after(tree, t_kill, 10)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -211,9 +206,8 @@ def test_clean_exit_within_2_s(tmp_path, spawn):
     assert len([p for p in tree if "mpi_driver" in _cmdline(p) or WORKER_MARK in _cmdline(p)]) >= 2
     proc.wait(timeout=10)
     assert proc.returncode == 0
-    while alive(tree) and time.monotonic() - t_done < 2.0:
-        time.sleep(0.02)
-    assert not alive(tree), [(p, _cmdline(p)) for p in alive(tree)]
+    left = still_alive_after(tree, t_done, 2.0, step=0.02)
+    assert not left, [(p, _cmdline(p)) for p in left]
     assert time.monotonic() - t_done < 2.0, time.monotonic() - t_done
 
 
@@ -238,9 +232,7 @@ def test_kill_9_of_the_head_while_idle_takes_every_worker_down(tmp_path, spawn):
         assert tree
         os.kill(head, signal.SIGKILL)
         t0 = time.monotonic()
-        while alive(tree) and time.monotonic() - t0 < 10:
-            time.sleep(0.05)
-        assert not alive(tree)
+        assert not still_alive_after(tree, t0, 10)
         proc.wait(timeout=10)
         assert proc.returncode != 0
     finally:
@@ -260,9 +252,7 @@ def test_sigterm_to_a_worker_mid_generation(tmp_path):
         _, stderr = proc.communicate(timeout=10)
         assert proc.returncode != 0
         assert error_lines(stderr) == [f"error: rank 2 ({HOST}, layers 4) failed: stopped by signal (exit 143)"]
-        while alive(tree) and time.monotonic() - t0 < 10:
-            time.sleep(0.05)
-        assert not alive(tree)
+        assert not still_alive_after(tree, t0, 10)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -19,7 +19,7 @@ import pytest
 from chat.launch import start_cluster
 from chat.options import parse_options
 from mpi_driver import generate
-from mpi_helpers import PROMPT, REPO, descendants, alive, load, model, mpiexec, rank_pid, run
+from mpi_helpers import PROMPT, REPO, descendants, load, model, mpiexec, rank_pid, run, still_alive_after
 
 LAUNCHER = REPO / "tests" / "as_another_host.sh"
 OTHER = "127.0.0.2"            # the other host's name (an address, so nothing needs to resolve it)
@@ -108,9 +108,7 @@ def test_kill_9_on_the_other_host_is_named_by_the_head(launcher, tmp_path):
         assert [line for line in stderr.splitlines() if line.strip()] == [
             f"error: rank 1 ({OTHER}, layers 3-4) failed: the process is gone (killed by signal 9)"]
         assert noticed < 3.0                              # the head spoke, before the supervisor's grace
-        while alive(tree) and time.monotonic() - t_kill < 10:
-            time.sleep(0.05)
-        assert not alive(tree)
+        assert not still_alive_after(tree, t_kill, 10)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -144,9 +142,7 @@ def test_head_waiting_for_input_names_a_rank_killed_on_the_other_host(launcher, 
         assert proc.returncode != 0
         assert [line.rstrip("\n") for line in lines[n_before:] if line.strip()] == [
             f"error: rank 1 ({OTHER}, layers 3-4) failed: the process is gone (killed by signal 9)"]
-        while alive(tree) and time.monotonic() - t_kill < 10:
-            time.sleep(0.05)
-        assert not alive(tree)
+        assert not still_alive_after(tree, t_kill, 10)
     finally:
         proc.stdin.close()
         if proc.poll() is None:
