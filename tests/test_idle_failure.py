@@ -183,10 +183,7 @@ def test_spawn_prompt_notices_a_killed_worker_without_input(tmp_path, fixtures):
         assert "was killed by signal" not in child.before         # the head spoke, not the supervisor
         assert_no_rank_left(tag, grace_s=10)
     finally:
-        if child.isalive():
-            child.terminate(force=True)
-        for pid in tagged_pids(tag):
-            _kill_quietly(pid)
+        _stop_child(child, tag)
 
 
 def test_mpiexec_plain_reader_notices_a_killed_worker_without_input(tmp_path, fixtures):
@@ -253,10 +250,7 @@ def test_spawn_ctrl_c_while_starting_is_one_line_and_130(tmp_path, fixtures):
         assert "Sending Ctrl-C" not in screen + child.before
         assert_no_rank_left(tag, grace_s=10)
     finally:
-        if child.isalive():
-            child.terminate(force=True)
-        for pid in tagged_pids(tag):
-            _kill_quietly(pid)
+        _stop_child(child, tag)
 
 
 def _stories(fixtures) -> str:
@@ -264,6 +258,14 @@ def _stories(fixtures) -> str:
     if not path.is_file():
         pytest.skip(f"fixture model {path} not found")
     return str(path)
+
+
+def _stop_child(child, tag: str) -> None:
+    """After a pty test: the chat and every rank it started are gone, whatever happened."""
+    if child.isalive():
+        child.terminate(force=True)
+    for pid in tagged_pids(tag):
+        _kill_quietly(pid)
 
 
 def _kill_quietly(pid: int) -> None:
