@@ -134,13 +134,11 @@ def choose_ubatch(n_tokens: int, n_ranks: int, setting: int | None) -> int:
     return max(MIN_UBATCH, math.ceil(n_tokens / (2 * n_ranks)))
 
 
-class LocalPipeline:
-    """The whole model in this process: one full stage, no MPI."""
+class _HeadStage:
+    """What both pipelines read from the head's stage: the context size and the cached positions (every
+    rank's cache holds the same positions, because every KV change is replayed on every rank)."""
 
-    def __init__(self, stage: Stage, host: str = ""):
-        self.stage, self.config = stage, stage.config
-        self._host = host or os.uname().nodename
-        self._meter = _Meter()
+    stage: Stage
 
     @property
     def n_ctx(self) -> int:
@@ -149,6 +147,15 @@ class LocalPipeline:
     @property
     def n_past(self) -> int:
         return self.stage.n_past
+
+
+class LocalPipeline(_HeadStage):
+    """The whole model in this process: one full stage, no MPI."""
+
+    def __init__(self, stage: Stage, host: str = ""):
+        self.stage, self.config = stage, stage.config
+        self._host = host or os.uname().nodename
+        self._meter = _Meter()
 
     def eval(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
         ids = check_tokens(tokens, self.n_past, self.n_ctx, self.config.n_vocab)
@@ -250,7 +257,7 @@ def _step(transport: Any, stage: Stage, msg: Eval, meter: _Meter, buf: np.ndarra
     return out
 
 
-class MpiPipeline:
+class MpiPipeline(_HeadStage):
     """The head's side of a cluster (rank 0 of `transport`): drives every step with a control message.
 
     Args:
@@ -272,14 +279,6 @@ class MpiPipeline:
         self._broken: str | None = None      # the error that stopped the cluster
         self._exit_code = 1                  # the job's status when it has to be aborted
         self._closed = False
-
-    @property
-    def n_ctx(self) -> int:
-        return self.stage.n_ctx
-
-    @property
-    def n_past(self) -> int:
-        return self.stage.n_past
 
     @property
     def size(self) -> int:
