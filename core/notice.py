@@ -21,10 +21,14 @@ READ_TIMEOUT_S = 1.0           # a connected supervisor has this long to deliver
 
 
 class NoticeBoard:
-    """(head) A listening TCP socket on every interface, port chosen by the system."""
+    """(head) A listening TCP socket on every interface (IPv6 and IPv4 where the system can), port
+    chosen by the system."""
 
     def __init__(self) -> None:
-        self._sock = socket.create_server(("", 0), family=socket.AF_INET, backlog=16)
+        if socket.has_dualstack_ipv6():                   # the head's name may resolve to IPv6 or IPv4
+            self._sock = socket.create_server(("", 0), family=socket.AF_INET6, dualstack_ipv6=True, backlog=16)
+        else:
+            self._sock = socket.create_server(("", 0), family=socket.AF_INET, backlog=16)
         self._sock.setblocking(False)
         self._key = secrets.token_hex(8)
         self.address = f"{socket.gethostname()}:{self._sock.getsockname()[1]}/{self._key}"

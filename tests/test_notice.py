@@ -4,6 +4,8 @@ from __future__ import annotations
 import socket
 import time
 
+import pytest
+
 from core.notice import NoticeBoard, notice_host, parse_notice, send_notice
 
 
@@ -53,3 +55,17 @@ def test_sending_to_nobody_fails_quietly():
         port = s.getsockname()[1]                                          # bound, not listening
     assert send_notice(f"127.0.0.1:{port}/k", 1, "gone", timeout_s=0.5) is False
     assert send_notice("no-port-here", 1, "gone") is False
+
+
+def test_a_notice_arrives_over_ipv6_too():
+    if not socket.has_dualstack_ipv6():
+        pytest.skip("this system has no dual-stack sockets")
+    board = NoticeBoard()
+    try:
+        where, _, key = board.address.partition("/")
+        port = where.rpartition(":")[2]
+        if not send_notice(f"::1:{port}/{key}", 1, "gone over IPv6"):
+            pytest.skip("no IPv6 loopback here")
+        assert poll_until(board) == (1, "gone over IPv6")
+    finally:
+        board.close()
