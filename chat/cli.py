@@ -15,8 +15,8 @@ from pathlib import Path
 
 from core.errors import LlamaMpiError, UsageError
 
-from .options import (ChatOptions, command_line_is_valid, env_no_color, fill_prompt_vars, parse_options,
-                      read_user_file)
+from .options import (ChatOptions, command_line_is_valid, env_no_color, fill_prompt_vars, no_effect_reason,
+                      parse_options, read_user_file)
 from .render import Renderer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,6 +154,8 @@ def _start_and_chat(opts: ChatOptions, ui: Renderer, loading) -> int:
     try:
         opts, banner = resolve_demo(opts)
         if not _worker_rank():
+            for typed in opts.no_effect:          # llama.cpp flags an options file may carry
+                ui.note(f"note: ignoring {typed}: {no_effect_reason(typed)}")
             try:
                 prepared = Prepared(opts)
             except LlamaMpiError as exc:

@@ -76,6 +76,7 @@ class ChatOptions:
     options_file: str | None = None
     file_argv: tuple[str, ...] = ()
     demo: bool = field(default=False)         # no -m given: the demo model and demo defaults are in use
+    no_effect: tuple[str, ...] = ()           # llama.cpp flags accepted but meaningless here, as typed
 
     @property
     def is_interactive(self) -> bool:
@@ -153,6 +154,36 @@ def _prompt_var(text: str) -> tuple[str, str]:
     if not sep or not name or not name.replace("_", "").isalnum():
         raise UsageError(f"--prompt-var: '{text}' is not NAME=VALUE (NAME: letters, digits, _)")
     return name, value
+
+
+# ---------------------------------------------------------------------------------------------------
+# llama.cpp main flags that mean nothing here: accepted, so that an options file written for llama.cpp's
+# MPI example keeps working, and named once by the head (chat/cli.py) with the reason
+
+_GPU = "llama-mpi computes on CPUs with numpy; there is no GPU offload"
+NO_EFFECT: dict[tuple[str, ...], tuple[bool, str]] = {      # flags -> (takes a value, why it does nothing)
+    ("-ngl", "--n-gpu-layers", "--gpu-layers"): (True, _GPU),
+    ("-mg", "--main-gpu"): (True, _GPU),
+    ("-ts", "--tensor-split"): (True, _GPU),
+    ("-nommq", "--no-mul-mat-q"): (False, _GPU),
+    ("--low-vram",): (False, _GPU),
+    ("--mlock",): (False, "every rank maps its own layers and repacks them into its memory"),
+    ("--no-mmap",): (False, "every rank maps its own layers and repacks them into its memory"),
+    ("--numa",): (False, "there is no NUMA placement; use one rank per socket instead"),
+    ("-tb", "--threads-batch"): (True, "-t threads serve both prompt and generation"),
+    ("--memory-f32",): (False, "the KV cache is always float32"),
+}
+
+
+def no_effect_reason(typed: str) -> str:
+    """Why a flag recorded in ChatOptions.no_effect ("-ngl 99") changes nothing."""
+    flag = typed.split()[0]
+    return next(why for flags, (_, why) in NO_EFFECT.items() if flag in flags)
+
+
+class _NoEffect(argparse.Action):
+    def __call__(self, parser, ns, values, option_string=None):
+        ns.no_effect = [*ns.no_effect, option_string if values in (None, []) else f"{option_string} {values}"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -236,6 +267,10 @@ def _build_parser() -> _Parser:
     g.add_argument("--simple-io", action="store_true", help="plain line input even on a terminal")
     g.add_argument("--script", metavar="FILE", help="replay user turns from FILE (blank line between turns)")
     g.add_argument("--transcript", metavar="OUT.md", help="write the conversation to OUT.md at exit")
+    g = p.add_argument_group("llama.cpp flags accepted with no effect here (the head says why)")
+    for flags, (takes_value, why) in NO_EFFECT.items():
+        g.add_argument(*flags, action=_NoEffect, nargs=None if takes_value else 0, dest="no_effect",
+                       default=[], metavar="X" if takes_value else None, help=why)
     a("options_file", nargs="?", metavar="FILE", help="options file (command-line syntax)")
     return p
 
@@ -257,7 +292,15 @@ def _normalise(argv: list[str]) -> list[str]:
     return out
 
 
+_SHORT_WORDS = frozenset(s for act in _PARSER._actions for s in act.option_strings
+                         if not s.startswith("--") and len(s) > 2)
+
+
 def _parse(argv: list[str]) -> argparse.Namespace:
+    for arg in argv:             # "-np 2" would otherwise be read as "-n p" and fail on the value
+        word = arg.split("=")[0]
+        if len(word) > 2 and word[0] == "-" and word[1:].isalpha() and word not in _SHORT_WORDS:
+            raise UsageError(f"unknown option {word} (see --help)")
     ns, rest = _PARSER.parse_known_args(argv)
     for arg in rest:
         if arg.startswith("-") and arg != "-":
@@ -359,6 +402,7 @@ def _to_options(ns: argparse.Namespace, file_argv: tuple[str, ...]) -> ChatOptio
     values["prompt_vars"] = tuple(ns.prompt_vars)
     values["logit_bias"] = tuple(ns.logit_bias)
     values["file_argv"] = file_argv
+    values["no_effect"] = tuple(ns.no_effect)
     values["demo"] = ns.model is None
     opts = ChatOptions(**values)
     if opts.escape:

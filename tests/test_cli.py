@@ -36,6 +36,24 @@ def test_one_shot_two_ranks_same_text(tmp_path):
 
 
 
+def test_an_options_file_written_for_llama_cpp_main_runs_and_the_head_names_what_it_ignores(tmp_path):
+    """A node options file from llama.cpp's MPI example often carries GPU and memory flags: they are
+    accepted, the head says once per flag why it has no effect, and the output is the plain run's."""
+    model = stories_or_skip()
+    env, tag = tagged_env(tmp_path)
+    (tmp_path / "options.txt").write_text(f"-m {model} -p 'Once upon a time' -n 16 --temp 0\n"
+                                          "-ngl 99 --mlock --no-mmap -tb 4\n")
+    compat = run_chat([str(tmp_path / "options.txt"), "--np", "2"], env)
+    plain = run_chat(["-m", model, "-p", "Once upon a time", "-n", "16", "--temp", "0"], env)
+    assert compat.returncode == 0 and plain.returncode == 0, compat.stderr
+    assert compat.stdout == plain.stdout
+    notes = [line for line in compat.stderr.splitlines() if line.startswith("note: ignoring")]
+    assert [n.split(":")[1].strip() for n in notes] == ["ignoring -ngl 99", "ignoring --mlock",
+                                                        "ignoring --no-mmap", "ignoring -tb 4"]
+    assert "GPU" in notes[0]
+    assert_no_rank_left(tag)
+
+
 def test_spawn_mode_without_the_venv_on_path(tmp_path):
     # `.venv/bin/llama-mpi --np 2` (the README's first command) runs with the venv not activated: the
     # mpich wheel's mpiexec, which a singleton's Spawn needs, is then not on PATH.

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from chat.options import (ChatOptions, fill_prompt_vars, parse_options, process_escapes)
+from chat.options import (ChatOptions, fill_prompt_vars, no_effect_reason, parse_options, process_escapes)
 from core.errors import UsageError
 from core.sampling import SamplingParams
 
@@ -66,6 +66,9 @@ def test_underscore_aliases():
     (["--top-k", "-5"], "--top-k -5 is out of range: must be >= 0"),
     (["-n", "-3"], "-n/--n-predict -3 is out of range: must be >= -2"),
     (["-n", "ten"], "-n/--n-predict: 'ten' is not an integer"),
+    (["-np", "2"], "unknown option -np"),                 # not "-n p": a word is never split into a flag
+    (["-nkeep"], "unknown option -nkeep"),
+    (["-ngl"], "argument -ngl/--n-gpu-layers/--gpu-layers: expected one argument"),
     (["--temp", "hot"], "--temp: 'hot' is not a number"),
     (["--temp", "nan"], "--temp nan is out of range"),
     (["-s", "-2"], "-s/--seed -2 is out of range"),
@@ -138,3 +141,14 @@ def test_command_line_validity_leaves_the_options_file_aside(tmp_path):
     assert command_line_is_valid([str(bad), "-n", "4"])        # the file is at fault, not the line
     assert not command_line_is_valid([str(bad), "--nope"])
     assert not command_line_is_valid(["-p", "a", "-f", "b"])
+
+
+def test_llama_cpp_flags_without_effect_are_accepted_and_recorded():
+    """An options file written for llama.cpp's main keeps working; the head names these (see test_cli)."""
+    o = parse_options(["-m", "m.gguf", "-ngl", "99", "--mlock", "-n", "5", "--no-mmap", "-tb", "4",
+                       "--n_gpu_layers", "7", "-ins", "--numa", "--memory-f32", "-mg", "0", "-ts", "3,1"])
+    assert o.no_effect == ("-ngl 99", "--mlock", "--no-mmap", "-tb 4", "--n-gpu-layers 7", "--numa",
+                           "--memory-f32", "-mg 0", "-ts 3,1")
+    assert (o.n_predict, o.instruct, o.threads) == (5, True, 1)          # nothing else changed
+    assert "GPU" in no_effect_reason("-ngl 99") and "float32" in no_effect_reason("--memory-f32")
+    assert parse_options(["-m", "m.gguf"]).no_effect == ()
