@@ -267,10 +267,11 @@ def _build_parser() -> _Parser:
     g.add_argument("--simple-io", action="store_true", help="plain line input even on a terminal")
     g.add_argument("--script", metavar="FILE", help="replay user turns from FILE (blank line between turns)")
     g.add_argument("--transcript", metavar="OUT.md", help="write the conversation to OUT.md at exit")
-    g = p.add_argument_group("llama.cpp flags accepted with no effect here (the head says why)")
-    for flags, (takes_value, why) in NO_EFFECT.items():
+    g = p.add_argument_group("accepted from llama.cpp's main, with no effect here (the head says why)",
+                             ", ".join(flags[0] for flags in NO_EFFECT))
+    for flags, (takes_value, _) in NO_EFFECT.items():
         g.add_argument(*flags, action=_NoEffect, nargs=None if takes_value else 0, dest="no_effect",
-                       default=[], metavar="X" if takes_value else None, help=why)
+                       default=[], help=argparse.SUPPRESS)
     a("options_file", nargs="?", metavar="FILE", help="options file (command-line syntax)")
     return p
 
