@@ -136,7 +136,7 @@ def check_hostfile(path: str) -> list[str]:
 # ---- single process ------------------------------------------------------------------------------
 
 def _start_single(opts: Any, on_plan: Callable[[Plan], None] | None) -> Pipeline:
-    model = open_model(opts.model)
+    model = open_model(opts.model).with_rope(opts.rope_freq_base, opts.rope_freq_scale)
     n_ctx = opts.n_ctx or model.config.n_ctx_train
     layers = split_layers(model.config.n_layer, 1, opts.mpi_layer_split)
     plan = Plan("single", str(opts.model), model.config.n_layer, n_ctx,
@@ -188,7 +188,7 @@ def _head(t: Any, opts: Any, mode: str, on_plan: Callable[[Plan], None] | None) 
 def _head_setup(t: Any, opts: Any, mode: str, on_plan: Callable[[Plan], None] | None,
                 guard: _AbortAtExit) -> MpiPipeline:
     try:
-        model = open_model(opts.model)
+        model = open_model(opts.model).with_rope(opts.rope_freq_base, opts.rope_freq_scale)
         n_ctx = opts.n_ctx or model.config.n_ctx_train
         layers = split_layers(model.config.n_layer, t.size, opts.mpi_layer_split)
     except LlamaMpiError as exc:
@@ -198,6 +198,7 @@ def _head_setup(t: Any, opts: Any, mode: str, on_plan: Callable[[Plan], None] | 
         raise
     settings = {"model": os.path.abspath(opts.model), "fingerprint": model.fingerprint(), "n_ctx": n_ctx,
                 "threads": opts.threads, "layers": [(r.start, r.stop) for r in layers],
+                "rope": (opts.rope_freq_base, opts.rope_freq_scale),      # the head's overrides, for all
                 "fault": os.environ.get(FAULT_ENV)}
     t.bcast_obj(settings)
     mine = _rank_plan(model, 0, t.host, layers[0], n_ctx, str(opts.model), opts.threads)
@@ -271,7 +272,7 @@ def _worker(t: Any, local_model: str | None, local_threads: int | None) -> int:
     model: ModelFile | None = None
     error = None
     try:
-        model = open_model(path)
+        model = open_model(path).with_rope(*settings["rope"])
         if model.fingerprint() != settings["fingerprint"]:
             error = (f"model {path} is not the head's {settings['model']} "
                      f"(fingerprint {model.fingerprint()} vs {settings['fingerprint']})")

@@ -33,6 +33,8 @@ class ChatOptions:
     threads: int = 1                          # -t: compute threads per rank
     n_ctx: int = DEFAULT_N_CTX                # -c
     n_batch: int = DEFAULT_N_BATCH            # -b
+    rope_freq_base: float | None = None       # --rope-freq-base: None = the file's
+    rope_freq_scale: float | None = None      # --rope-freq-scale (or 1 / --rope-scale): None = the file's
     # prompt and modes
     prompt: str = ""                          # -p (escapes already processed when -e)
     prompt_file: str | None = None            # -f: read on rank 0 (one trailing newline stripped)
@@ -211,6 +213,12 @@ def _build_parser() -> _Parser:
                    metavar="N", help="context size (default 512, 0 = the model's)")
     g.add_argument("-b", "--batch-size", dest="n_batch", type=_int("-b/--batch-size", 1),
                    default=DEFAULT_N_BATCH, metavar="N")
+    g.add_argument("--rope-freq-base", type=_float("--rope-freq-base", 0.0, lo_open=True), metavar="F",
+                   help="RoPE base frequency (default: the model's)")
+    g.add_argument("--rope-freq-scale", type=_float("--rope-freq-scale", 0.0, lo_open=True), metavar="F",
+                   help="RoPE linear scaling: positions times F (default: the model's)")
+    g.add_argument("--rope-scale", type=_float("--rope-scale", 0.0, lo_open=True), metavar="F",
+                   help="the same as --rope-freq-scale 1/F")
 
     g = p.add_argument_group("prompt and modes")
     g.add_argument("-p", "--prompt", metavar="TEXT")
@@ -404,6 +412,10 @@ def _to_options(ns: argparse.Namespace, file_argv: tuple[str, ...]) -> ChatOptio
     values["logit_bias"] = tuple(ns.logit_bias)
     values["file_argv"] = file_argv
     values["no_effect"] = tuple(ns.no_effect)
+    if ns.rope_scale is not None:
+        if ns.rope_freq_scale is not None:
+            raise UsageError("--rope-scale and --rope-freq-scale both given: use one")
+        values["rope_freq_scale"] = 1.0 / ns.rope_scale
     values["demo"] = ns.model is None
     opts = ChatOptions(**values)
     if opts.escape:

@@ -8,6 +8,7 @@ It must not compute anything or copy tensor data: callers touch only the tensors
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,16 @@ class ModelFile:
         except (TypeError, ValueError) as exc:                          # e.g. a list where a number belongs
             raise ModelFileError(f"{path}: unusable hyper-parameter metadata: {exc}") from None
         self._check_tensors()
+
+    def with_rope(self, freq_base: float | None = None, freq_scale: float | None = None) -> "ModelFile":
+        """Replace the file's RoPE frequency base and/or linear scale (llama.cpp main's --rope-freq-base and
+        --rope-freq-scale, e.g. for an old CodeLlama file written without its 1e6 base); None keeps the
+        file's value. Every rank must apply the same values before building a Stage."""
+        changes = {name: float(v) for name, v in (("rope_freq_base", freq_base), ("rope_freq_scale", freq_scale))
+                   if v is not None}
+        if changes:
+            self.config = replace(self.config, **changes)
+        return self
 
     def get(self, key: str, default: Any = None) -> Any:
         """Metadata value of `key` (str, number, bool or list), or `default` when absent."""

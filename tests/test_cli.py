@@ -54,6 +54,21 @@ def test_an_options_file_written_for_llama_cpp_main_runs_and_the_head_names_what
     assert_no_rank_left(tag)
 
 
+def test_rope_overrides_reach_every_rank(tmp_path):
+    """--rope-freq-base is the head's setting: with 2 ranks the output equals that of a file written with
+    that base (same weights), and differs from the file's own base."""
+    from core.synth import write_synthetic
+    env, tag = tagged_env(tmp_path)
+    plain = str(write_synthetic(tmp_path / "a.gguf", "tiny", "q8_0", seed=3))
+    theta = str(write_synthetic(tmp_path / "b.gguf", "tiny", "q8_0", seed=3, rope_freq_base=1e6))
+    args = ["-p", "Once upon a time there", "-n", "24", "--temp", "0"]
+    override = run_chat(["-m", plain, "--rope-freq-base", "1e6", "--np", "2", *args], env)
+    want = run_chat(["-m", theta, *args], env)
+    own = run_chat(["-m", plain, *args], env)
+    assert override.returncode == want.returncode == own.returncode == 0, override.stderr
+    assert override.stdout == want.stdout != own.stdout
+    assert_no_rank_left(tag)
+
 def test_spawn_mode_without_the_venv_on_path(tmp_path):
     # `.venv/bin/llama-mpi --np 2` (the README's first command) runs with the venv not activated: the
     # mpich wheel's mpiexec, which a singleton's Spawn needs, is then not on PATH.

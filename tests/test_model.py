@@ -109,6 +109,22 @@ def test_linear_rope_scaling_changes_positions_not_position_zero(tmp_path):
     assert np.abs(a[1:] - b[1:]).max() > 1e-4
 
 
+
+def test_rope_overrides_equal_a_file_written_with_those_values(tmp_path):
+    """--rope-freq-base / --rope-freq-scale (ModelFile.with_rope) give exactly the logits of the same
+    weights in a file whose metadata says so."""
+    base = write_synthetic(tmp_path / "a.gguf", "tiny", "q8_0", n_layer=2, seed=4)
+    theta = open_model(write_synthetic(tmp_path / "b.gguf", "tiny", "q8_0", n_layer=2, seed=4, rope_freq_base=1e6))
+    scaled = open_model(write_synthetic(tmp_path / "c.gguf", "tiny", "q8_0", n_layer=2, seed=4,
+                                        rope_scaling_factor=4.0))
+    plain = full(open_model(base)).eval(TOKENS, 0, all_logits=True)
+    for file, override in ((theta, {"freq_base": 1e6}), (scaled, {"freq_scale": 0.25})):
+        want = full(file).eval(TOKENS, 0, all_logits=True)
+        got = full(open_model(base).with_rope(**override)).eval(TOKENS, 0, all_logits=True)
+        np.testing.assert_array_equal(got, want)
+        assert np.abs(want - plain).max() > 1e-3                          # the override mattered
+    assert open_model(base).with_rope(None, None).config == open_model(base).config
+
 def test_errors(tiny):
     s = full(tiny, n_ctx=8)
     with pytest.raises(ContextOverflowError):

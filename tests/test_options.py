@@ -66,7 +66,9 @@ def test_underscore_aliases():
     (["--top-k", "-5"], "--top-k -5 is out of range: must be >= 0"),
     (["-n", "-3"], "-n/--n-predict -3 is out of range: must be >= -2"),
     (["-n", "ten"], "-n/--n-predict: 'ten' is not an integer"),
-    (["-np", "2"], "unknown option -np"),                 # not "-n p": a word is never split into a flag
+    (["-np", "2"], "unknown option -np"),
+    (["--rope-freq-base", "0"], "--rope-freq-base 0 is out of range: must be > 0.0"),
+    (["--rope-scale", "4", "--rope-freq-scale", "0.5"], "--rope-scale and --rope-freq-scale both given"),                 # not "-n p": a word is never split into a flag
     (["-nkeep"], "unknown option -nkeep"),
     (["-ngl"], "argument -ngl/--n-gpu-layers/--gpu-layers: expected one argument"),
     (["--temp", "hot"], "--temp: 'hot' is not a number"),
@@ -152,3 +154,10 @@ def test_llama_cpp_flags_without_effect_are_accepted_and_recorded():
     assert (o.n_predict, o.instruct, o.threads) == (5, True, 1)          # nothing else changed
     assert "GPU" in no_effect_reason("-ngl 99") and "float32" in no_effect_reason("--memory-f32")
     assert parse_options(["-m", "m.gguf"]).no_effect == ()
+
+
+def test_rope_overrides():
+    assert (parse_options([]).rope_freq_base, parse_options([]).rope_freq_scale) == (None, None)
+    o = parse_options(["--rope-freq-base", "1e6", "--rope-freq-scale", "0.5"])
+    assert (o.rope_freq_base, o.rope_freq_scale) == (1e6, 0.5)
+    assert parse_options(["--rope-scale", "4"]).rope_freq_scale == 0.25    # llama.cpp: 1 / --rope-scale
