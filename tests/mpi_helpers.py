@@ -140,3 +140,28 @@ def still_alive_after(pids: list[int], since: float, limit: float, step: float =
     while alive(pids) and time.monotonic() - since < limit:
         time.sleep(step)
     return alive(pids)
+
+
+def cmdline(pid: int) -> str:
+    """A process's command line, arguments joined by spaces ("" once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def parent_pid(pid: int) -> int:
+    """A process's parent pid (0 once it is gone)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def environ(pid: int) -> dict[str, str]:
+    """A process's environment ({} once it is gone)."""
+    try:
+        items = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return {}
+    return dict(i.decode(errors="replace").split("=", 1) for i in items if b"=" in i)

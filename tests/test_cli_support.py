@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from mpi_helpers import cmdline
+
 REPO = Path(__file__).resolve().parents[1]
 STORIES = REPO.parent / "shared" / "fixtures" / "models" / "stories260K.gguf"
 PROMPTS = REPO / "prompts"
@@ -65,7 +67,7 @@ def assert_no_rank_left(tag: str, grace_s: float = 8.0) -> None:
         if not left:
             return
         if time.monotonic() > deadline:
-            cmdlines = [_cmdline(p) for p in left]
+            cmdlines = [cmdline(p) for p in left]
             for p in left:                          # do not leave them running for the next test
                 try:
                     os.kill(p, 9)
@@ -82,13 +84,6 @@ def _zombie(pid: int) -> bool:
     except OSError:
         return True
 
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return "?"
 
 
 def chat_cmd(*args: str) -> list[str]:

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from mpi_helpers import (REPO, descendants, driver_cmd, mpiexec, model, rank_pid, run,
-                         still_alive_after, wait_gone)
+from mpi_helpers import (REPO, cmdline, descendants, driver_cmd, environ, model, mpiexec, parent_pid,
+                         rank_pid, run, still_alive_after, wait_gone)
 
 HOST = socket.gethostname()
 WORKER_MARK = "--llama-mpi-worker"
@@ -141,9 +141,9 @@ def test_kill_9_of_a_worker_mid_generation(tmp_path, spawn):
         if spawn:
             time.sleep(2.0)
             tree = descendants(proc.pid)
-            ranks = [p for p in tree if WORKER_MARK in _cmdline(p) and WORKER_MARK in _cmdline(_ppid(p))]
+            ranks = [p for p in tree if WORKER_MARK in cmdline(p) and WORKER_MARK in cmdline(parent_pid(p))]
             assert len(ranks) == 2
-            pid, victim = sorted(ranks, key=lambda p: int(_environ(p).get("PMI_RANK", "9")))[1], 2
+            pid, victim = sorted(ranks, key=lambda p: int(environ(p).get("PMI_RANK", "9")))[1], 2
         else:
             pid, victim = rank_pid(str(out), 1), 1
             time.sleep(1.5)                                     # well into the generation
@@ -160,21 +160,6 @@ def test_kill_9_of_a_worker_mid_generation(tmp_path, spawn):
     finally:
         if proc.poll() is None:
             proc.kill()
-
-
-def _ppid(pid: int) -> int:
-    try:
-        return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def _environ(pid: int) -> dict:
-    try:
-        items = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-    except OSError:
-        return {}
-    return dict(i.decode(errors="replace").split("=", 1) for i in items if b"=" in i)
 
 
 def test_sigterm_to_the_head_stops_every_rank(tmp_path):
@@ -203,19 +188,14 @@ def test_clean_exit_within_2_s(tmp_path, spawn):
     t_done = time.monotonic()
     tree = descendants(proc.pid)                                # every rank (and hydra) of this run
     assert line.startswith("tokens "), proc.stderr.read()
-    assert len([p for p in tree if "mpi_driver" in _cmdline(p) or WORKER_MARK in _cmdline(p)]) >= 2
+    assert len([p for p in tree if "mpi_driver" in cmdline(p) or WORKER_MARK in cmdline(p)]) >= 2
     proc.wait(timeout=10)
     assert proc.returncode == 0
     left = still_alive_after(tree, t_done, 2.0, step=0.02)
-    assert not left, [(p, _cmdline(p)) for p in left]
+    assert not left, [(p, cmdline(p)) for p in left]
     assert time.monotonic() - t_done < 2.0, time.monotonic() - t_done
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 @pytest.mark.parametrize("spawn", [False, True])

@@ -27,6 +27,7 @@ pexpect = pytest.importorskip("pexpect")
 from test_cli_support import (REPO, assert_no_rank_left, chat_cmd, mpiexec_or_skip,  # noqa: E402
                               tagged_env, tagged_pids)
 from test_pty import finish, spawn, wait_for_prompt  # noqa: E402
+from mpi_helpers import environ  # noqa: E402
 
 from chat.launch import SUPERVISE_GRACE_S  # noqa: E402
 from chat.render import Renderer  # noqa: E402
@@ -137,12 +138,6 @@ def _stat(pid: int) -> tuple[str, int]:
     return fields[0], int(fields[1])
 
 
-def _environ(pid: int) -> dict[str, str]:
-    with open(f"/proc/{pid}/environ", "rb") as f:
-        items = f.read().split(b"\0")
-    return dict(i.decode(errors="replace").split("=", 1) for i in items if b"=" in i)
-
-
 def worker_rank_pid(tag: str, timeout: float = 20) -> int:
     """The MPI process of the worker rank (not its supervisor, which is its parent and looks the same:
     the rank is the tagged python process whose parent is a tagged python process of the same rank)."""
@@ -153,7 +148,7 @@ def worker_rank_pid(tag: str, timeout: float = 20) -> int:
             try:
                 state, ppid = _stat(pid)
                 cmd = open(f"/proc/{pid}/cmdline", "rb").read()
-                env = _environ(pid)
+                env = environ(pid)
             except (OSError, ValueError, IndexError):
                 continue
             worker = b"--llama-mpi-worker" in cmd or env.get("PMI_RANK", "0") != "0"

@@ -19,7 +19,10 @@ import pytest
 from chat.launch import start_cluster
 from chat.options import parse_options
 from mpi_driver import generate
-from mpi_helpers import PROMPT, REPO, descendants, load, model, mpiexec, rank_pid, run, still_alive_after
+from mpi_helpers import (PROMPT, REPO, cmdline, descendants, load, model, mpiexec, parent_pid, rank_pid,
+                         run, still_alive_after)
+
+WORKER_MARK = "--llama-mpi-worker"     # in a spawned worker's command line
 
 LAUNCHER = REPO / "tests" / "as_another_host.sh"
 OTHER = "127.0.0.2"            # the other host's name (an address, so nothing needs to resolve it)
@@ -162,3 +165,35 @@ def test_spawn_mode_places_workers_from_the_hostfile_on_the_other_host(launcher,
     assert rank1 and rank1[0][2] == OTHER
     single = run([sys.executable, "-m", "chat", *args])
     assert single.returncode == 0 and r.stdout == single.stdout
+
+
+def test_spawn_mode_names_a_worker_killed_on_the_other_host(launcher, tmp_path):
+    hosts = tmp_path / "hostsfile"
+    hosts.write_text(f"{OTHER}:2\n")
+    env = dict(os.environ, HYDRA_LAUNCHER="ssh", HYDRA_LAUNCHER_EXEC=str(LAUNCHER))
+    cmd = [sys.executable, "-m", "chat", "--np", "2", "--hostfile", str(hosts), "-m", model("stories260K"),
+           "-p", "Once upon a time", "-n", "-1", "--ignore-eos", "-c", "64", "--temp", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env=env, start_new_session=True)
+    try:
+        victim, deadline = None, time.monotonic() + 20
+        while victim is None and time.monotonic() < deadline:     # the rank: a worker under its supervisor
+            workers = [p for p in descendants(proc.pid) if WORKER_MARK in cmdline(p)]
+            inner = [p for p in workers if parent_pid(p) in workers]
+            victim = inner[0] if inner else None
+            time.sleep(0.1)
+        assert victim is not None
+        time.sleep(1.5)                                           # well into the generation
+        tree = descendants(proc.pid)
+        os.kill(victim, signal.SIGKILL)
+        t_kill = time.monotonic()
+        _, stderr = proc.communicate(timeout=10)
+        assert time.monotonic() - t_kill < 3.0
+        assert proc.returncode != 0
+        assert [line for line in stderr.splitlines() if line.startswith("error:")] == [
+            f"error: rank 1 ({OTHER}, layers 3-4) failed: the process is gone (killed by signal 9)"]
+        assert not still_alive_after(tree, t_kill, 10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
