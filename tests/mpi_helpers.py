@@ -165,3 +165,13 @@ def environ(pid: int) -> dict[str, str]:
     except OSError:
         return {}
     return dict(i.decode(errors="replace").split("=", 1) for i in items if b"=" in i)
+
+
+def signal_and_collect(proc: subprocess.Popen, pid: int, sig: int, timeout: float = 10) -> tuple[str, float, float]:
+    """Send `sig` to `pid` (a process of proc's job) and wait for the job to end: its stderr, the
+    monotonic time of the signal, and the seconds until the job ended (fails after `timeout`)."""
+    assert proc.poll() is None, "the job ended before the signal"
+    os.kill(pid, sig)
+    t_sig = time.monotonic()
+    _, stderr = proc.communicate(timeout=timeout)
+    return stderr, t_sig, time.monotonic() - t_sig

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from mpi_helpers import (REPO, cmdline, descendants, driver_cmd, environ, model, mpiexec, parent_pid,
-                         rank_pid, run, still_alive_after, wait_gone)
+                         rank_pid, run, signal_and_collect, still_alive_after, wait_gone)
 
 HOST = socket.gethostname()
 WORKER_MARK = "--llama-mpi-worker"
@@ -148,10 +148,7 @@ def test_kill_9_of_a_worker_mid_generation(tmp_path, spawn):
             pid, victim = rank_pid(str(out), 1), 1
             time.sleep(1.5)                                     # well into the generation
             tree = descendants(proc.pid)
-        assert proc.poll() is None
-        os.kill(pid, signal.SIGKILL)
-        t_kill = time.monotonic()
-        _, stderr = proc.communicate(timeout=10)
+        stderr, t_kill, _ = signal_and_collect(proc, pid, signal.SIGKILL)
         assert proc.returncode != 0
         layers = "4" if spawn else "2-3"
         assert error_lines(stderr) == [
@@ -227,9 +224,7 @@ def test_sigterm_to_a_worker_mid_generation(tmp_path):
         pid = rank_pid(str(out), 2)
         time.sleep(1.5)
         tree = descendants(proc.pid)
-        os.kill(pid, signal.SIGTERM)
-        t0 = time.monotonic()
-        _, stderr = proc.communicate(timeout=10)
+        stderr, t0, _ = signal_and_collect(proc, pid, signal.SIGTERM)
         assert proc.returncode != 0
         assert error_lines(stderr) == [f"error: rank 2 ({HOST}, layers 4) failed: stopped by signal (exit 143)"]
         assert not still_alive_after(tree, t0, 10)
