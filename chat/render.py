@@ -147,8 +147,11 @@ def stats_table(stats: list, n_tokens: int, title: str = "per-rank stats") -> Ta
     n_tokens: positions evaluated so far (prompt + fed-back tokens), to turn totals into per-token ms.
     """
     table = Table(title=title, show_edge=False, header_style="bold")
-    for col in ("rank", "host", "layers", "compute ms/tok", "wait ms/tok", "bytes/tok", "RSS MiB", "KV fill"):
-        table.add_column(col, justify="left" if col in ("host", "layers") else "right")
+    hosts = [str(getattr(s, "host", "?")) for s in stats]
+    for col in ("rank", "host", "layers", "compute ms/tok", "wait ms/tok", "bytes sent/tok", "RSS MiB", "KV fill"):
+        # never cut a value short (an 80-column pipe under mpiexec): fold it; host names stay whole
+        table.add_column(col, justify="left" if col in ("host", "layers") else "right", overflow="fold",
+                         min_width=max(map(len, hosts), default=4) if col == "host" else None)
     per = max(n_tokens, 1)
     for s in stats:
         layers = getattr(s, "layers", None)

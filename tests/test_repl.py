@@ -176,3 +176,18 @@ def test_last_row_handed_to_the_line_editor():
     assert ui.take_last_row(80) == [] and out.getvalue().endswith("y\n")   # a full row: start afresh
     ui.stream("\n\u4e2d\u6587")                                        # wide characters: 2 cells each
     assert ui.take_last_row(3) == [("\u6587", "output")]
+
+
+def test_stats_table_keeps_long_host_names_and_values_whole_in_80_columns():
+    """Under mpiexec the head writes to a pipe (80 columns): nothing in /stats may be cut to "…"."""
+    from core.pipeline import RankStats
+    from chat.render import stats_table
+    host = "worker-node-17.cluster.example.org"
+    row = RankStats(rank=1, host=host, layers=range(11, 22), compute_ms=123456.0, wait_ms=7890.0,
+                    bytes_per_token=8192, rss_bytes=3 * 2**30, n_past=20, n_ctx=256, weight_bytes=0, kv_bytes=0)
+    err = io.StringIO()
+    Renderer(False, io.StringIO(), err).table(stats_table([row], 12), to_err=True)
+    text = err.getvalue()
+    assert "…" not in text
+    assert host in text                                       # on one line, whole
+    assert "10288.00" in text and "3072.0" in text            # 123456 ms / 12 tokens; 3 GiB in MiB
