@@ -22,31 +22,20 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.strip()]
 
 
-def test_injected_exception_in_a_worker(tmp_path):
+@pytest.mark.parametrize("n_ranks, env, line", [
+    # a worker raises at its 3rd evaluation
+    (3, {"LLAMA_MPI_FAULT": "1:3"}, "rank 1 ({host}, layers 2-3) failed: RuntimeError: injected fault at evaluation 3"),
+    # the head raises in the middle of a step
+    (3, {"LLAMA_MPI_FAULT": "0:2"}, "rank 0 ({host}, layers 0-1) failed: RuntimeError: injected fault at evaluation 2"),
+    # the last rank raises during pipelined prefill (micro-batches of 8)
+    (4, {"LLAMA_MPI_FAULT": "3:1", "LLAMA_MPI_UBATCH": "8"},
+     "rank 3 ({host}, layers 4) failed: RuntimeError: injected fault at evaluation 1"),
+], ids=["worker", "head-mid-step", "last-rank-pipelined-prefill"])
+def test_injected_exception(tmp_path, n_ranks, env, line):
     out = tmp_path / "f.npz"
-    r = run(driver_cmd(out, 12, ["-m", model("stories260K")], n_ranks=3), env={"LLAMA_MPI_FAULT": "1:3"})
+    r = run(driver_cmd(out, 12, ["-m", model("stories260K")], n_ranks=n_ranks), env=env)
     assert r.returncode != 0
-    assert error_lines(r.stderr) == [
-        f"error: rank 1 ({HOST}, layers 2-3) failed: RuntimeError: injected fault at evaluation 3"]
-    wait_gone(str(out), 10)
-
-
-def test_exception_on_the_head_mid_step(tmp_path):
-    out = tmp_path / "f.npz"
-    r = run(driver_cmd(out, 12, ["-m", model("stories260K")], n_ranks=3), env={"LLAMA_MPI_FAULT": "0:2"})
-    assert r.returncode != 0
-    assert error_lines(r.stderr) == [
-        f"error: rank 0 ({HOST}, layers 0-1) failed: RuntimeError: injected fault at evaluation 2"]
-    wait_gone(str(out), 10)
-
-
-def test_exception_in_the_last_rank_during_pipelined_prefill(tmp_path):
-    out = tmp_path / "f.npz"
-    r = run(driver_cmd(out, 12, ["-m", model("stories260K")], n_ranks=4),
-            env={"LLAMA_MPI_FAULT": "3:1", "LLAMA_MPI_UBATCH": "8"})
-    assert r.returncode != 0
-    assert error_lines(r.stderr) == [
-        f"error: rank 3 ({HOST}, layers 4) failed: RuntimeError: injected fault at evaluation 1"]
+    assert error_lines(r.stderr) == ["error: " + line.format(host=HOST)]
     wait_gone(str(out), 10)
 
 
