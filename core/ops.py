@@ -73,11 +73,14 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return e * (1.0 / total).astype(np.float32)
 
 
-def silu(x: np.ndarray) -> np.ndarray:
-    """x * sigmoid(x) in float32."""
+def silu(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """x * sigmoid(x) = x / (1 + exp(-x)) in float32, into `out` (a new array when None)."""
     x = np.asarray(x, dtype=np.float32)
+    out = np.negative(x, out=out)
     with np.errstate(over="ignore"):
-        return x / (np.float32(1.0) + np.exp(-x))
+        np.exp(out, out=out)
+    out += np.float32(1.0)
+    return np.divide(x, out, out=out)
 
 
 SWIGLU_ROWS = 16   # rows per block in swiglu(): 16 x n_ff floats stay in cache through its four passes
@@ -91,12 +94,7 @@ def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     gate = np.asarray(gate, dtype=np.float32)
     out = np.empty_like(gate)                                            # (T, n_ff)
     for i in range(0, gate.shape[0], SWIGLU_ROWS):
-        x, o = gate[i:i + SWIGLU_ROWS], out[i:i + SWIGLU_ROWS]
-        np.negative(x, out=o)
-        with np.errstate(over="ignore"):
-            np.exp(o, out=o)
-        o += np.float32(1.0)
-        np.divide(x, o, out=o)                                           # silu(x) = x / (1 + exp(-x))
+        o = silu(gate[i:i + SWIGLU_ROWS], out=out[i:i + SWIGLU_ROWS])
         o *= up[i:i + SWIGLU_ROWS]
     return out
 
