@@ -19,8 +19,8 @@ import pytest
 from chat.launch import start_cluster
 from chat.options import parse_options
 from mpi_driver import generate
-from mpi_helpers import (PROMPT, REPO, cmdline, descendants, load, model, mpiexec, parent_pid, rank_pid,
-                         run, signal_and_collect, still_alive_after)
+from mpi_helpers import (PROMPT, REPO, cmdline, descendants, driver_cmd, load, model, mpiexec, parent_pid,
+                         rank_pid, run, signal_and_collect, still_alive_after)
 
 WORKER_MARK = "--llama-mpi-worker"     # in a spawned worker's command line
 
@@ -45,15 +45,10 @@ def two_hosts(launcher, tmp_path, *ranks: list[str]) -> list[str]:
     return [*launcher, "-f", str(hosts), "-n", "1", *ranks[0], ":", "-n", "1", *ranks[1]]
 
 
-def driver(out, n_gen: int, opts: list[str]) -> list[str]:
-    return [sys.executable, str(REPO / "tests" / "mpi_driver.py"), str(out), ",".join(map(str, PROMPT)),
-            str(n_gen), "--all-logits", "--", *opts]
-
-
 def test_a_rank_on_another_host_gives_the_single_process_logits(launcher, tmp_path):
     out = tmp_path / "r.npz"
     opts = ["-m", model("stories260K")]
-    r = run(two_hosts(launcher, tmp_path, driver(out, 10, opts), driver(out, 10, opts)),
+    r = run(two_hosts(launcher, tmp_path, *[driver_cmd(out, 10, opts, extra=["--all-logits"])] * 2),
             env={"LLAMA_MPI_UBATCH": "0"})
     assert r.returncode == 0, r.stderr
     pipe = start_cluster(parse_options(opts))
@@ -82,8 +77,8 @@ def test_plan_names_the_other_host_and_its_node_local_options(launcher, tmp_path
 
 
 def test_another_model_on_the_other_host_is_named(launcher, tmp_path):
-    r = run(two_hosts(launcher, tmp_path, driver(tmp_path / "x.npz", 4, ["-m", model("stories260K")]),
-                      driver(tmp_path / "x.npz", 4, ["-m", model("fx256-q4_k_m")])))
+    r = run(two_hosts(launcher, tmp_path, driver_cmd(tmp_path / "x.npz", 4, ["-m", model("stories260K")]),
+                      driver_cmd(tmp_path / "x.npz", 4, ["-m", model("fx256-q4_k_m")])))
     assert r.returncode != 0
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"error: rank 1 ({OTHER}, layers 3-4): model ")
@@ -94,8 +89,7 @@ def test_kill_9_on_the_other_host_is_named_by_the_head(launcher, tmp_path):
     one line and aborts the job: nothing waits for the dead rank, no process is left."""
     out = tmp_path / "k.npz"
     opts = ["-m", model("stories260K"), "-c", "64"]
-    cmd = two_hosts(launcher, tmp_path, driver(out, 100000, opts), driver(out, 100000, opts))
-    cmd = [c for c in cmd if c != "--all-logits"]
+    cmd = two_hosts(launcher, tmp_path, *[driver_cmd(out, 100000, opts)] * 2)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                             start_new_session=True)
     try:
