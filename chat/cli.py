@@ -44,7 +44,7 @@ def resolve_demo(opts: ChatOptions) -> tuple[ChatOptions, str | None]:
         return replace(opts, model=str(DEMO_MODEL), **changes), banner
     path = synthetic_demo_path()
     if not path.is_file():
-        from core.synth import write_synthetic
+        from core.tools.synth import write_synthetic
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         write_synthetic(tmp, preset="tiny", qtype="f32", seed=0)

@@ -15,7 +15,7 @@ from gguf import GGML_QUANT_SIZES, GGUFWriter, GGMLQuantizationType as QT
 
 from core.errors import LlamaMpiError, ModelFileError, UnsupportedModelError
 from core.loader import open_model
-from core.synth import write_synthetic
+from core.tools.synth import write_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,7 +118,7 @@ def test_open_model_raises_one_line_error(name, good, tmp_path):
 @pytest.mark.parametrize("name", ["missing", "not_gguf", "data_past_eof", "arch", "type_q8_1", "shape"])
 def test_eval_cli_prints_one_error_line(name, good, tmp_path):
     path, _, words = bad_case(name, good, tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "core.eval", "-m", str(path), "--tokens", "1,2"],
+    proc = subprocess.run([sys.executable, "-m", "core.tools.eval", "-m", str(path), "--tokens", "1,2"],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert proc.stdout == ""
@@ -138,7 +138,7 @@ def test_every_truncation_point_is_an_error_not_a_crash(tmp_path):
 
 
 def test_bad_token_ids_are_a_usage_error(good):
-    proc = subprocess.run([sys.executable, "-m", "core.eval", "-m", str(good), "--tokens", "1,x"],
+    proc = subprocess.run([sys.executable, "-m", "core.tools.eval", "-m", str(good), "--tokens", "1,x"],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and proc.stderr.startswith("error: --tokens") and "Traceback" not in proc.stderr
 

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_bench_prints_a_table_and_consistent_json(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "core.bench", "--types", "q8_0", "--repeat", "2", "--json", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "core.tools.bench", "--types", "q8_0", "--repeat", "2", "--json", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "floors of this machine" in proc.stdout and "Q8_0" in proc.stdout

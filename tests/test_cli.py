@@ -57,7 +57,7 @@ def test_an_options_file_written_for_llama_cpp_main_runs_and_the_head_names_what
 def test_rope_overrides_reach_every_rank(tmp_path):
     """--rope-freq-base is the head's setting: with 2 ranks the output equals that of a file written with
     that base (same weights), and differs from the file's own base."""
-    from core.synth import write_synthetic
+    from core.tools.synth import write_synthetic
     env, tag = tagged_env(tmp_path)
     plain = str(write_synthetic(tmp_path / "a.gguf", "tiny", "q8_0", seed=3))
     theta = str(write_synthetic(tmp_path / "b.gguf", "tiny", "q8_0", seed=3, rope_freq_base=1e6))

@@ -1,4 +1,4 @@
-"""`python -m core.eval` as other tools call it: ids, --json keys, --out logits, checked against llama.cpp."""
+"""`python -m core.tools.eval` as other tools call it: ids, --json keys, --out logits, checked against llama.cpp."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "core.eval", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "core.tools.eval", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
 
 

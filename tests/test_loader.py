@@ -15,7 +15,7 @@ from gguf import GGUFReader, GGUFValueType
 from gguf.quants import dequantize as gguf_dequantize
 
 from core.loader import open_model
-from core.synth import write_synthetic
+from core.tools.synth import write_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,6 @@
 """Stage: prefill vs single steps, chained stages vs one stage, KV edits, threads, tied output, errors.
 
-Uses small synthetic files (core.synth) and a float64 re-computation of the head from gguf's own
+Uses small synthetic files (core.tools.synth) and a float64 re-computation of the head from gguf's own
 dequantization where a value is checked.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from core.errors import ContextOverflowError, TokenizerError
 from core.loader import open_model
 from core.model import Stage
-from core.synth import write_synthetic
+from core.tools.synth import write_synthetic
 
 TOKENS = [1, 300, 17, 404, 259, 88, 511, 42, 260, 5]
 

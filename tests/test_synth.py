@@ -1,4 +1,4 @@
-"""core.synth: files gguf's reader accepts, weights gguf dequantizes to sane values, SPM vocab, CLI."""
+"""core.tools.synth: files gguf's reader accepts, weights gguf dequantizes to sane values, SPM vocab, CLI."""
 from __future__ import annotations
 
 import hashlib
@@ -13,7 +13,7 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from core.errors import UsageError
 from core.loader import open_model
-from core.synth import TYPES, spm_vocab, write_synthetic
+from core.tools.synth import TYPES, spm_vocab, write_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,10 +77,10 @@ def test_usage_errors(tmp_path):
 
 def test_cli_writes_a_loadable_file(tmp_path):
     out = tmp_path / "cli.gguf"
-    proc = subprocess.run([sys.executable, "-m", "core.synth", str(out), "--preset", "tiny", "--type", "q6_k",
+    proc = subprocess.run([sys.executable, "-m", "core.tools.synth", str(out), "--preset", "tiny", "--type", "q6_k",
                            "--n-layer", "1"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert open_model(out).config.n_layer == 1
-    bad = subprocess.run([sys.executable, "-m", "core.synth", str(out), "--type", "q4_k", "--n-embd", "96"],
+    bad = subprocess.run([sys.executable, "-m", "core.tools.synth", str(out), "--type", "q4_k", "--n-embd", "96"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr

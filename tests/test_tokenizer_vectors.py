@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import FIXTURES, fixture_case_ids, fixtures_or_skip
-from core.tokenize import TEST_SEPARATOR, read_test_cases, run
+from core.tools.tokenize import TEST_SEPARATOR, read_test_cases, run
 from core.tokenizer import Tokenizer
 
 VOCABS = ["ggml-vocab-llama-spm.gguf", "ggml-vocab-llama-bpe.gguf"]

@@ -1,4 +1,4 @@
-"""`python -m core.tokenize -m FILE "text"`: tokenize text with a GGUF model's vocabulary, like llama.cpp.
+"""`python -m core.tools.tokenize -m FILE "text"`: tokenize text with a GGUF model's vocabulary, like llama.cpp.
 
 Prints each token as `id -> 'piece'` (llama.cpp main's --verbose-prompt), or the id list with --json,
 or, with --inp X.inp, one line per test case of a llama.cpp test-vector file in the .out format (no BOS,
@@ -38,7 +38,7 @@ def format_out_line(ids: list[int]) -> str:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m core.tokenize", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m core.tools.tokenize", description=__doc__.splitlines()[0])
     ap.add_argument("text", nargs="?", help="text to tokenize")
     ap.add_argument("-m", "--model", required=True, type=Path, help="GGUF file (model or vocab-only)")
     ap.add_argument("-f", "--file", type=Path, help="read the text from this file (taken as is)")

@@ -19,7 +19,7 @@ from gguf import (GGML_QUANT_SIZES, GGUFWriter, GGMLQuantizationType as QT, Llam
                   TokenType)
 from gguf.quants import dequantize as gguf_dequantize
 
-from .errors import LlamaMpiError, UsageError
+from ..errors import LlamaMpiError, UsageError
 
 
 @dataclass(frozen=True)
@@ -253,7 +253,7 @@ def _add_metadata(w: GGUFWriter, s: Shape, name: str, file_type: int, rope_freq_
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m core.synth",
+    p = argparse.ArgumentParser(prog="python -m core.tools.synth",
                                 description="Write a LLaMA GGUF with random weights (for tests and benchmarks).")
     p.add_argument("out", help="output .gguf path")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))

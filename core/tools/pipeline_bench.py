@@ -1,6 +1,6 @@
 """Pipeline benchmark: pipelined vs unpipelined prefill, an idle worker's CPU, and per-rank RSS.
 
-    python -m core.pipeline_bench [--model FILE] [--ranks 2] [--tokens 256] [--threads 1] [--idle 5]
+    python -m core.tools.pipeline_bench [--model FILE] [--ranks 2] [--tokens 256] [--threads 1] [--idle 5]
 
 Without --model it writes a TinyLlama-shaped synthetic Q4_0 file (core.synth) to a temporary folder.
 It re-runs itself under the mpich wheel's mpiexec (`--job`); the head prints one table. Timings on a
@@ -29,11 +29,11 @@ def _cpu_seconds(pid: int) -> float:
 
 def _job(args: argparse.Namespace) -> int:
     """One rank of the benchmark job (run under mpiexec)."""
-    from . import transport
-    from .loader import open_model
-    from .model import Stage
-    from .partition import split_layers
-    from .pipeline import MpiPipeline, serve_worker
+    from .. import transport
+    from ..loader import open_model
+    from ..model import Stage
+    from ..partition import split_layers
+    from ..pipeline import MpiPipeline, serve_worker
 
     t = transport.world()
     t.exchange_peers()
@@ -73,7 +73,7 @@ def _job(args: argparse.Namespace) -> int:
     for name in best:
         result[f"{name}_s"] = best[name]
         result[f"{name}_compute_s"] = compute[name]               # per rank, in the best run
-    from .pipeline import choose_ubatch
+    from ..pipeline import choose_ubatch
     result["ubatch"] = choose_ubatch(args.tokens, t.size, args.ubatch)
     result["speedup"] = result["unpipelined_s"] / result["pipelined_s"]
     result["max_abs_logit_diff"] = float(np.abs(logits["pipelined"] - logits["unpipelined"]).max())
@@ -119,7 +119,7 @@ def _report(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m core.pipeline_bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m core.tools.pipeline_bench", description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, help="GGUF file (default: synthetic TinyLlama-shaped Q4_0)")
     p.add_argument("--n-layer", type=int, default=None, help="layers of the synthetic file (default 22)")
     p.add_argument("--ranks", type=int, default=2)

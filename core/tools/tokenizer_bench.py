@@ -1,4 +1,4 @@
-"""Tokenizer speed benchmark: `python -m core.tokenizer.bench [VOCAB.gguf ...] [--kb 100] [--repeat 3]`.
+"""Tokenizer speed benchmark: `python -m core.tools.tokenizer_bench [VOCAB.gguf ...] [--kb 100] [--repeat 3]`.
 
 Owns: generating ~100 KB of English-like prose (seeded, written here: a small word list and sentence
 patterns, no copied text) and timing load, encode and decode for each vocabulary on one core.
@@ -90,7 +90,7 @@ def bench_one(path: Path, text: str, repeat: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m core.tokenizer.bench", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m core.tools.tokenizer_bench", description=__doc__.splitlines()[0])
     ap.add_argument("vocabs", nargs="*", type=Path, help="GGUF files (default: the two fixture vocabs)")
     ap.add_argument("--kb", type=float, default=100.0, help="prose size in KB (1000 bytes), default 100")
     ap.add_argument("--repeat", type=int, default=3, help="warm repetitions (best is reported)")

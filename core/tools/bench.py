@@ -1,4 +1,4 @@
-"""`python -m core.bench`: speed of the numpy quant kernels (and, with --model, of the whole model).
+"""`python -m core.tools.bench`: speed of the numpy quant kernels (and, with --model, of the whole model).
 
 Owns the benchmark of issue 2: per weight type, ms and GB/s (of quantized weight bytes) of a 4096x4096
 and an 11008x4096 matrix-vector product, GFLOP/s of a 64-token matrix product, the machine's streaming
@@ -6,7 +6,7 @@ read bandwidth measured in the same run and the ratio; with --model, decode and 
 TinyLlama-shaped synthetic file of each type (files cached in a temp dir, never in the repository).
 Must not: be a test (nothing here asserts), or run long by default. Timings are the best of a few runs.
 
-Usage: python -m core.bench [--types q4_0,q8_0] [--threads N] [--json OUT] [--model [--no-kernels]]
+Usage: python -m core.tools.bench [--types q4_0,q8_0] [--threads N] [--json OUT] [--model [--no-kernels]]
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
-from .quants import SUPPORTED_TYPES, TilePool, make_qtensor
-from .quants.layout import FORMATS
+from ..quants import SUPPORTED_TYPES, TilePool, make_qtensor
+from ..quants.layout import FORMATS
 
 ORDER = ["f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k",
          "q6_k", "iq4_nl", "iq4_xs"]
@@ -132,8 +132,8 @@ def print_kernel_table(rows: list[dict], stream: float, floors: dict, threads: i
 
 def bench_model(type_name: str, threads: int, cache: Path, n_prompt: int, n_decode: int) -> dict:
     """Decode and prefill tokens/s of a TinyLlama-shaped synthetic file of one type."""
-    from .loader import open_model
-    from .model import Stage
+    from ..loader import open_model
+    from ..model import Stage
     from .synth import write_synthetic
 
     path = cache / f"tinyllama-{type_name}.gguf"
@@ -165,7 +165,7 @@ def bench_model(type_name: str, threads: int, cache: Path, n_prompt: int, n_deco
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m core.bench", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m core.tools.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--types", default=",".join(ORDER), help="comma-separated weight types (default: all)")
     ap.add_argument("--threads", type=int, default=1, help="threads splitting row tiles (default 1)")
     ap.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")

@@ -1,4 +1,4 @@
-"""`python -m core.eval`: evaluate token ids on a GGUF model in one process, then continue greedily.
+"""`python -m core.tools.eval`: evaluate token ids on a GGUF model in one process, then continue greedily.
 
 Owns this command line only: the token list is evaluated as one batch (every position's logits, which
 `--out` saves as float32 (T, n_vocab)), then `--greedy N` steps of argmax (lowest id on ties) fed back one
@@ -14,9 +14,9 @@ import time
 
 import numpy as np
 
-from .errors import LlamaMpiError, UsageError
-from .loader import open_model
-from .model import Stage
+from ..errors import LlamaMpiError, UsageError
+from ..loader import open_model
+from ..model import Stage
 
 
 def parse_tokens(text: str) -> list[int]:
@@ -65,7 +65,7 @@ def run(model_path: str, tokens: list[int], greedy: int, threads: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m core.eval",
+    p = argparse.ArgumentParser(prog="python -m core.tools.eval",
                                 description="Evaluate token ids with a GGUF LLaMA model and continue greedily.")
     p.add_argument("-m", "--model", required=True, help="GGUF model file")
     p.add_argument("--tokens", required=True, help="comma-separated token ids, e.g. 1,15043,3186")

@@ -1,0 +1,1 @@
+"""Command-line tools beside the engine: benchmarks, evaluation, tokenization, synthetic models."""
