@@ -33,3 +33,19 @@ def fixture_case_ids() -> list[str]:
     if not index.is_file():
         return []
     return [case["id"] for case in json.loads(index.read_text())["cases"]]
+
+
+@pytest.fixture(scope="session")
+def smollm2_model() -> Path:
+    """SmolLM2-135M-Instruct from the PyPI wheel (the README's commands install it), or skip with the reason."""
+    from chat.demo import INSTALL_HINT, demo_model_path
+    path = demo_model_path()
+    if path is None:
+        pytest.skip(f"SmolLM2 demo model not installed ({INSTALL_HINT})")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_fixtures(fixtures: Path) -> Path:
+    """../shared/fixtures/smollm2: references computed on SmolLM2 (README.md there)."""
+    return fixtures / "smollm2"
