@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Generator, Protocol, Sequence
 
 from core.errors import ContextOverflowError
+from core.generate import CTX_MARGIN, batches, fit_input
 
 from .options import ChatOptions, process_escapes
 
@@ -139,9 +140,9 @@ class ChatState:
         self.embd_inp: list[int] = list(tokenizer.encode(prompt, add_bos=None, parse_special=True))
         if not self.embd_inp and tokenizer.bos_id is not None:
             self.embd_inp = [tokenizer.bos_id]
-        if len(self.embd_inp) > n_ctx - 4:
-            raise ContextOverflowError(
-                f"prompt is too long ({len(self.embd_inp)} tokens, max {n_ctx - 4} for -c {n_ctx})")
+        if len(self.embd_inp) > n_ctx - CTX_MARGIN:
+            raise ContextOverflowError(f"prompt is too long ({len(self.embd_inp)} tokens, "
+                                       f"max {n_ctx - CTX_MARGIN} for -c {n_ctx})")
         self.c = Counters(n_remain=opts.n_predict, n_prompt=len(self.embd_inp))
         keep = opts.n_keep
         if keep < 0 or keep > len(self.embd_inp) or self.instruct:
@@ -251,36 +252,25 @@ class ChatState:
         yield Done("reverse-prompt" if self.is_antiprompt else "n-predict")
 
     def _evaluate(self, embd: list[int], sampled: bool):
-        """Truncate an over-long input, shift the context when full, evaluate in n_batch chunks.
-
-        Returns the evaluated tokens, or None when the context is full and -n is -2.
-        """
+        """Cut an over-long input, shift the context when full, evaluate in n_batch chunks (the rule is
+        core.generate.fit_input). Returns the evaluated tokens, or None when the context is full and
+        -n is -2."""
         c = self.c
-        max_embd = self.n_ctx - 4
-        if len(embd) > max_embd:
-            skipped = len(embd) - max_embd
-            embd = embd[:max_embd]
-            yield Print(f"<<input too long: skipped {skipped} token{'s' if skipped != 1 else ''}>>", "error")
-        if c.n_past + len(embd) > self.n_ctx:
-            if self.opts.n_predict == -2:
-                yield Print("\n\ncontext full and n_predict == -2 => stopping\n", "error")
-                return None
-            # keep BOS + n_keep, drop half of the rest, move the later positions down (on every rank)
-            n_left = c.n_past - c.n_keep - 1
-            n_discard = max(0, n_left // 2)
-            if n_discard:
-                yield Shift(c.n_keep + 1, n_discard)
-                c.n_past -= n_discard
-                c.n_shifts += 1
-            room = self.n_ctx - c.n_past
-            if len(embd) > room:   # the kept prompt leaves too little room: cut (main would fail here)
-                skipped = len(embd) - room
-                embd = embd[:room]
-                yield Print(f"<<input too long: skipped {skipped} token{'s' if skipped != 1 else ''}>>",
-                            "error")
-        for i in range(0, len(embd), self.opts.n_batch):
-            chunk = tuple(embd[i:i + self.opts.n_batch])
-            yield Eval(chunk, sampled)
+        fit = fit_input(len(embd), c.n_past, self.n_ctx, c.n_keep, stop_when_full=self.opts.n_predict == -2)
+        if fit.too_long:
+            yield Print(_skipped_text(fit.too_long), "error")
+        if fit.full:
+            yield Print("\n\ncontext full and n_predict == -2 => stopping\n", "error")
+            return None
+        if fit.shift is not None:            # on every rank: the driver sends it through the pipeline
+            yield Shift(*fit.shift)
+            c.n_past -= fit.shift[1]
+            c.n_shifts += 1
+        if fit.no_room:                      # the kept prompt leaves too little room (main would fail)
+            yield Print(_skipped_text(fit.no_room), "error")
+        embd = embd[:fit.take(len(embd))]
+        for chunk in batches(embd, self.opts.n_batch):
+            yield Eval(tuple(chunk), sampled)
             c.n_past += len(chunk)
         return embd
 
@@ -315,3 +305,7 @@ class ChatState:
             c.n_remain -= len(line_inp)
             yield UserTurn(buffer, tuple(self.embd_inp[queued_from:]))
         return False
+
+
+def _skipped_text(n: int) -> str:
+    return f"<<input too long: skipped {n} token{'s' if n != 1 else ''}>>"

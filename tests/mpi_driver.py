@@ -18,23 +18,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from chat.launch import start_cluster          # noqa: E402
 from chat.options import parse_options          # noqa: E402
 from core.errors import LlamaMpiError           # noqa: E402
+from core.generate import Evaluated, GenerateSettings, Shifted, Token, greedy_sampler  # noqa: E402
+from core.generate import generate as stream                    # noqa: E402
 
 
 def generate(pipe, prompt: list[int], n_gen: int, all_logits: bool, n_keep: int):
+    """core.generate's loop with argmax: the tokens, the logits of the prompt (every position with
+    --all-logits, else the last) and of each fed token, and n_past after each context shift."""
     tokens, logits_out, shifts = [], [], []
-    first = pipe.eval(prompt, all_logits=all_logits)
-    logits_out.append(first if all_logits else first[None, :])
-    last = first[-1] if all_logits else first
-    for _ in range(n_gen):
-        tok = int(np.argmax(last))
-        tokens.append(tok)
-        if pipe.n_past + 1 > pipe.n_ctx:
-            n_left = pipe.n_past - n_keep - 1
-            n_discard = n_left // 2
-            pipe.kv_shift(n_keep + 1, n_discard)
+    settings = GenerateSettings(n_predict=n_gen, n_batch=len(prompt), n_keep=n_keep, all_logits=all_logits)
+    for event in stream(pipe, greedy_sampler(pipe.config.n_vocab), prompt, settings):
+        if isinstance(event, Token):
+            tokens.append(event.id)
+        elif isinstance(event, Shifted):
             shifts.append(pipe.n_past)
-        last = pipe.eval([tok])
-        logits_out.append(last[None, :])
+        elif isinstance(event, Evaluated):
+            logits_out.append(event.logits if event.logits.ndim == 2 else event.logits[None, :])
     return tokens, np.concatenate(logits_out), shifts
 
 

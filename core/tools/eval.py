@@ -16,7 +16,9 @@ import numpy as np
 
 from ..errors import LlamaMpiError, UsageError
 from ..loader import open_model
+from ..generate import Evaluated, GenerateSettings, Token, generate, greedy_sampler
 from ..model import Stage
+from ..pipeline import LocalPipeline
 
 
 def parse_tokens(text: str) -> list[int]:
@@ -42,18 +44,18 @@ def run(model_path: str, tokens: list[int], greedy: int, threads: int) -> dict:
     bad = [t for t in tokens if not 0 <= t < n_vocab]
     if bad:
         raise UsageError(f"--tokens: id {bad[0]} is out of range [0, {n_vocab}) for {model_path}")
-    stage = Stage(model, range(model.config.n_layer), embed=True, head=True,
-                  n_ctx=len(tokens) + max(greedy, 1), threads=threads)
+    pipe = LocalPipeline(Stage(model, range(model.config.n_layer), embed=True, head=True,
+                               n_ctx=len(tokens) + max(greedy, 1), threads=threads))
     t1 = time.perf_counter()
-    logits = stage.eval(tokens, 0, all_logits=True)                     # (T, n_vocab)
-    t2 = time.perf_counter()
-    out: list[int] = []
-    last = logits[-1]
-    for _ in range(greedy):
-        out.append(int(np.argmax(last)))                                 # first index on ties
-        last = stage.eval([out[-1]], stage.n_past)
+    settings = GenerateSettings(n_predict=greedy, n_batch=len(tokens), all_logits=True)
+    logits, out, t2 = None, [], None
+    for event in generate(pipe, greedy_sampler(n_vocab), tokens, settings):
+        if isinstance(event, Evaluated) and not event.sampled:
+            logits, t2 = event.logits, time.perf_counter()            # (T, n_vocab)
+        elif isinstance(event, Token):
+            out.append(event.id)                                       # argmax, first index on ties
     t3 = time.perf_counter()
-    stage.close()
+    pipe.close()
     return {
         "logits": logits,
         "greedy": out,
