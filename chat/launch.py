@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from core.errors import LlamaMpiError, PipelineError, UsageError
+from core.errors import LlamaMpiError, PipelineError, UsageError, one_line
 from core.loader import ModelFile, open_model
 from core.model import Stage
 from core.notice import notice_host, send_notice
@@ -211,7 +211,7 @@ def _head_setup(t: Any, opts: Any, mode: str, on_plan: Callable[[Plan], None] | 
     try:
         stage = Stage(model, layers[0], embed=True, head=True, n_ctx=n_ctx, threads=opts.threads)
     except Exception as exc:                              # noqa: BLE001 - reported like a worker's
-        error = _one_line(exc)
+        error = one_line(exc)
     reports = t.gather_obj({"plan": mine, "error": error})
     _verdict(t, reports, layers, guard)
     ubatch = os.environ.get(UBATCH_ENV)
@@ -288,7 +288,7 @@ def _worker(t: Any, local_model: str | None, local_threads: int | None) -> int:
     try:
         stage = Stage(model, layers, embed=False, head=False, n_ctx=n_ctx, threads=threads)
     except Exception as exc:                              # noqa: BLE001 - reported to the head
-        error = _one_line(exc)
+        error = one_line(exc)
     t.gather_obj({"plan": mine, "error": error})
     if t.bcast_obj() != "go":
         t.close()
@@ -425,11 +425,6 @@ def _limit_blas_threads(n: int) -> bool:
                 getattr(lib, name)(ctypes.c_int(n))
                 return True
     return False
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc) if isinstance(exc, LlamaMpiError) else f"{type(exc).__name__}: {exc}"
-    return " ".join(text.split())
 
 
 def _worker_argv() -> list[str]:

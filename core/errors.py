@@ -32,3 +32,9 @@ class UsageError(LlamaMpiError):
 
 class PipelineError(LlamaMpiError):
     """A rank of the MPI pipeline failed, died, or disagrees with the head (names rank, host, layers)."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line for a report: a LlamaMpiError's own text, else "TypeName: text"."""
+    text = str(exc) if isinstance(exc, LlamaMpiError) else f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split())

@@ -18,7 +18,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .control import Abort, Eval, KvClear, KvShift, KvTruncate, Message, Shutdown, Stats
-from .errors import ContextOverflowError, LlamaMpiError, PipelineError, TokenizerError
+from .errors import ContextOverflowError, PipelineError, TokenizerError, one_line
 from .model import Stage
 from .partition import format_layers
 from .transport import Aborted, PeerFailed
@@ -395,8 +395,7 @@ class MpiPipeline(_HeadStage):
             self._abort_workers(-1)
             raise
         except Exception as exc:                                      # the head's own step failed
-            what = str(exc) if isinstance(exc, LlamaMpiError) else f"{type(exc).__name__}: {exc}"
-            self._broken = f"{self.describe(0)} failed: {what}"
+            self._broken = f"{self.describe(0)} failed: {one_line(exc)}"
             self._abort_workers(0)
             raise PipelineError(self._broken) from exc
 
@@ -442,9 +441,7 @@ def serve_worker(transport: Any, stage: Stage, fault_after: int | None = None) -
         transport.abort_job(1, f"rank {transport.rank}: lost rank {exc.rank}: {exc.what}")
         return 1
     except BaseException as exc:                                     # noqa: BLE001 - report, then stop
-        what = str(exc) if isinstance(exc, LlamaMpiError) else f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, SystemExit):
-            what = f"stopped by signal (exit {exc.code})"
+        what = f"stopped by signal (exit {exc.code})" if isinstance(exc, SystemExit) else one_line(exc)
         transport.report_failure(what)
         transport.await_abort(WORKER_ABORT_WAIT_S, f"failed: {what}")
         return 1
