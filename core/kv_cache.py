@@ -60,8 +60,7 @@ class KVCache:
 
     def truncate(self, n: int) -> None:
         """Keep the first n positions (llama_kv_cache_seq_rm(n, -1))."""
-        if not 0 <= n <= self.n_past:
-            raise ValueError(f"cannot truncate the KV cache to {n} positions: it holds {self.n_past}")
+        check_truncate(n, self.n_past)
         self.n_past = n
 
     def shift(self, n_keep: int, n_discard: int, n_rot: int, freq_base: float, freq_scale: float,
@@ -72,9 +71,7 @@ class KVCache:
         by RoPE at position -n_discard (the K-shift), not recomputed; values move unchanged.
         """
         end = self.n_past
-        if n_keep < 0 or n_discard < 0 or n_keep + n_discard > end:
-            raise ValueError(
-                f"cannot shift the KV cache: keep {n_keep}, discard {n_discard}, but it holds {end}")
+        check_shift(n_keep, n_discard, end)
         if n_discard == 0:
             return
         src = slice(n_keep + n_discard, end)
@@ -87,3 +84,16 @@ class KVCache:
             k[:, dst] = rotated.transpose(1, 0, 2)
             v[:, dst] = v[:, src].copy()
         self.n_past = end - n_discard
+
+
+def check_truncate(n: int, n_past: int) -> None:
+    """Raise unless a cache holding n_past positions can be truncated to n."""
+    if not 0 <= n <= n_past:
+        raise ValueError(f"cannot truncate the KV cache to {n} positions: it holds {n_past}")
+
+
+def check_shift(n_keep: int, n_discard: int, n_past: int) -> None:
+    """Raise unless a cache holding n_past positions can keep n_keep and then discard n_discard."""
+    if n_keep < 0 or n_discard < 0 or n_keep + n_discard > n_past:
+        raise ValueError(f"cannot shift the KV cache (keep {n_keep}, discard {n_discard}): "
+                         f"it holds {n_past} positions")

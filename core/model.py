@@ -19,6 +19,17 @@ from .ops import attention, rmsnorm, rope, rope_angles, swiglu
 from .quants import QTensor, TilePool, dequantize, make_qtensor
 
 
+def check_token_ids(tokens, n_vocab: int) -> np.ndarray:
+    """Token ids as an int64 array (T,); raise unless there is at least one and each is in [0, n_vocab)."""
+    ids = np.asarray(tokens, dtype=np.int64).reshape(-1)                 # (T,)
+    if ids.size == 0:
+        raise ValueError("no token ids: at least one token is needed")
+    bad = ids[(ids < 0) | (ids >= n_vocab)]
+    if bad.size:
+        raise TokenizerError(f"token id {int(bad[0])} is out of range [0, {n_vocab})")
+    return ids
+
+
 @dataclass
 class Block:
     """One transformer layer's weights, named after their GGUF tensors."""
@@ -137,12 +148,7 @@ class Stage:
         """Token ids (T,) -> embeddings (T, n_embd) f32."""
         if not self.has_embed or self.token_embd is None:
             raise ValueError("this stage was built without the token embedding (embed=False)")
-        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)             # (T,)
-        if ids.size == 0:
-            raise ValueError("no tokens to embed")
-        bad = ids[(ids < 0) | (ids >= self.config.n_vocab)]
-        if bad.size:
-            raise TokenizerError(f"token id {int(bad[0])} is out of range [0, {self.config.n_vocab})")
+        ids = check_token_ids(tokens, self.config.n_vocab)               # (T,)
         return np.ascontiguousarray(self.token_embd.get_rows(ids), dtype=np.float32)
 
     def forward(self, h: np.ndarray, pos: int) -> np.ndarray:

@@ -18,8 +18,9 @@ import numpy as np
 
 from .config import ModelConfig
 from .control import Abort, Eval, KvClear, KvShift, KvTruncate, Message, Shutdown, Stats
-from .errors import ContextOverflowError, PipelineError, TokenizerError, one_line
-from .model import Stage
+from .errors import ContextOverflowError, PipelineError, one_line
+from .kv_cache import check_shift, check_truncate
+from .model import Stage, check_token_ids
 from .partition import format_layers
 from .transport import Aborted, PeerFailed
 
@@ -90,12 +91,7 @@ class _Meter:
 
 def check_tokens(tokens: Sequence[int], n_past: int, n_ctx: int, n_vocab: int) -> np.ndarray:
     """Validate a batch before anything is sent: non-empty, ids in range, fits in the context."""
-    ids = np.asarray(tokens, dtype=np.int64).reshape(-1)              # (T,)
-    if ids.size == 0:
-        raise ValueError("eval() needs at least one token")
-    bad = ids[(ids < 0) | (ids >= n_vocab)]
-    if bad.size:
-        raise TokenizerError(f"token id {int(bad[0])} is out of range [0, {n_vocab})")
+    ids = check_token_ids(tokens, n_vocab)                            # (T,)
     if n_past + ids.size > n_ctx:
         raise ContextOverflowError(
             f"{ids.size} tokens at position {n_past} do not fit in the context of {n_ctx} (-c)")
@@ -104,11 +100,10 @@ def check_tokens(tokens: Sequence[int], n_past: int, n_ctx: int, n_vocab: int) -
 
 def check_kv_op(msg: Message, n_past: int) -> None:
     """Validate a KV operation against the head's cache before it is replayed anywhere."""
-    if isinstance(msg, KvTruncate) and not 0 <= msg.n <= n_past:
-        raise ValueError(f"cannot truncate the KV cache to {msg.n} positions: it holds {n_past}")
-    if isinstance(msg, KvShift) and (msg.n_keep < 0 or msg.n_discard < 0 or msg.n_keep + msg.n_discard > n_past):
-        raise ValueError(f"cannot shift the KV cache (keep {msg.n_keep}, discard {msg.n_discard}): "
-                         f"it holds {n_past} positions")
+    if isinstance(msg, KvTruncate):
+        check_truncate(msg.n, n_past)
+    elif isinstance(msg, KvShift):
+        check_shift(msg.n_keep, msg.n_discard, n_past)
 
 
 def apply_kv_op(stage: Stage, msg: Message) -> None:
@@ -169,11 +164,9 @@ class LocalPipeline(_HeadStage):
         self.stage.kv_clear()
 
     def kv_truncate(self, n: int) -> None:
-        check_kv_op(KvTruncate(n), self.n_past)
-        self.stage.kv_truncate(n)
+        self.stage.kv_truncate(n)                                     # the cache validates n
 
     def kv_shift(self, n_keep: int, n_discard: int) -> None:
-        check_kv_op(KvShift(n_keep, n_discard), self.n_past)
         self.stage.kv_shift(n_keep, n_discard)
 
     def stats(self) -> list[RankStats]:
