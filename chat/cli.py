@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     ui = Renderer(opts.color and not env_no_color())
     from .repl import make_loading_ctrl_c
-    loading = make_loading_ctrl_c(opts)           # spawn mode on a terminal: Ctrl-C read as a byte
+    loading = make_loading_ctrl_c(opts.reader_settings())   # spawn mode on a terminal: Ctrl-C as a byte
     try:
         return _start_and_chat(opts, ui, loading)
     finally:
@@ -199,16 +199,15 @@ def run_head(opts: ChatOptions, pipeline, prepared: Prepared, ui: Renderer, bann
     from core.tokenizer import Tokenizer
 
     from .repl import make_ctrl_c_watcher, make_reader
-    from .script import Transcript, settings_of
+    from .script import Transcript
     from .session import ChatSession
 
     tokenizer = Tokenizer.from_path(opts.model)
-    reader = make_reader(opts, ui, prepared.script) if opts.is_interactive else None
-    transcript = Transcript(settings=settings_of(opts, Path(opts.model).name, int(pipeline.n_ctx)))
-    session = ChatSession(opts, pipeline, tokenizer, ui, reader, prompt=prepared.prompt,
-                          reverse_prompts=prepared.reverse_prompts, input_prefix=prepared.input_prefix,
-                          input_suffix=prepared.input_suffix, transcript=transcript, load_ms=load_ms,
-                          keys=make_ctrl_c_watcher(opts, reader))
+    reader = make_reader(opts.reader_settings(), ui, prepared.script) if opts.is_interactive else None
+    transcript = Transcript(settings=opts.transcript_settings(Path(opts.model).name, int(pipeline.n_ctx)))
+    loop = opts.loop_settings(prepared.reverse_prompts, prepared.input_prefix, prepared.input_suffix)
+    session = ChatSession(opts.session_settings(), loop, pipeline, tokenizer, ui, reader, prompt=prepared.prompt,
+                          transcript=transcript, load_ms=load_ms, keys=make_ctrl_c_watcher(reader))
     if banner:
         ui.info(banner)
     print_preamble(opts, session, ui, prepared)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from core.errors import UsageError
+from core.partition import check_weights, parse_split
 from core.sampling import SamplingParams
 
 DEFAULT_N_CTX = 512        # -c; 0 = the model's training context
@@ -86,6 +87,87 @@ class ChatOptions:
         return self.interactive or self.interactive_first or self.instruct or self.script is not None
 
 
+    def transcript_settings(self, model_label: str, n_ctx: int) -> list[tuple[str, str]]:
+        """The settings that decide the tokens (no rank count, no resolved clock seed)."""
+        rows = [("model", model_label), ("n_ctx", str(n_ctx)), ("n_predict", str(self.n_predict)),
+                ("n_keep", str(self.n_keep)), ("n_batch", str(self.n_batch))]
+        modes = [name for name, on in (("interactive", self.interactive), ("interactive-first", self.interactive_first),
+                                       ("instruct", self.instruct), ("multiline-input", self.multiline_input),
+                                       ("escape", self.escape), ("ignore-eos", self.ignore_eos),
+                                       ("in-prefix-bos", self.input_prefix_bos),
+                                       ("script", self.script is not None)) if on]
+        rows.append(("modes", ", ".join(modes) or "none"))
+        if self.prompt_file:
+            rows.append(("prompt file", self.prompt_file))
+        elif self.prompt:
+            rows.append(("prompt", repr(self.prompt if len(self.prompt) <= 200 else self.prompt[:200] + "...")))
+        for rp in self.reverse_prompts:
+            rows.append(("reverse prompt", repr(rp)))
+        if self.input_prefix:
+            rows.append(("input prefix", repr(self.input_prefix)))
+        if self.input_suffix:
+            rows.append(("input suffix", repr(self.input_suffix)))
+        rows.append(("sampling", f"temp {self.temp}, top_k {self.top_k}, top_p {self.top_p}, min_p {self.min_p}, "
+                                 f"tfs {self.tfs_z}, typical {self.typical_p}, repeat_penalty {self.repeat_penalty} "
+                                 f"over {self.repeat_last_n}, frequency {self.frequency_penalty}, "
+                                 f"presence {self.presence_penalty}, mirostat {self.mirostat} "
+                                 f"(tau {self.mirostat_tau}, eta {self.mirostat_eta})"))
+        rows.append(("seed", str(self.seed) if self.seed >= 0 else "from the clock (see Run)"))
+        return rows
+
+    def loop_settings(self, reverse_prompts: tuple[str, ...] | None = None, input_prefix: str | None = None,
+                      input_suffix: str | None = None) -> LoopSettings:
+        """What llama.cpp main's loop (chat/state.py) needs; -r/--in-prefix/--in-suffix given with their
+        --prompt-var placeholders filled (None: as typed)."""
+        return LoopSettings(
+            n_predict=self.n_predict, n_batch=self.n_batch, n_keep=self.n_keep, interactive=self.is_interactive,
+            interactive_first=self.interactive_first, instruct=self.instruct,
+            reverse_prompts=self.reverse_prompts if reverse_prompts is None else reverse_prompts,
+            input_prefix=self.input_prefix if input_prefix is None else input_prefix,
+            input_suffix=self.input_suffix if input_suffix is None else input_suffix,
+            input_prefix_bos=self.input_prefix_bos, escape=self.escape)
+
+    def session_settings(self) -> SessionSettings:
+        """What the driver on rank 0 (chat/session.py) needs."""
+        return SessionSettings(SamplingParams.from_namespace(self), self.seed, self.ignore_eos, self.transcript)
+
+    def reader_settings(self) -> ReaderSettings:
+        return ReaderSettings(self.multiline_input, self.simple_io, spawn=(self.np or 0) > 1)
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """llama.cpp main's loop settings (chat/state.py)."""
+    n_predict: int = -1                       # -n
+    n_batch: int = DEFAULT_N_BATCH            # -b
+    n_keep: int = 0                           # --keep
+    interactive: bool = False                 # -i, --interactive-first, -ins or --script
+    interactive_first: bool = False
+    instruct: bool = False
+    reverse_prompts: tuple[str, ...] = ()
+    input_prefix: str = ""
+    input_suffix: str = ""
+    input_prefix_bos: bool = False
+    escape: bool = False                      # -e: process escapes in user input
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """The driver's settings (chat/session.py): sampling, seed, --ignore-eos, --transcript."""
+    sampling: SamplingParams
+    seed: int = -1                            # -1 = from the clock
+    ignore_eos: bool = False
+    transcript: str | None = None
+
+
+@dataclass(frozen=True)
+class ReaderSettings:
+    """How rank 0 reads user turns (chat/repl.py)."""
+    multiline_input: bool = False
+    simple_io: bool = False
+    spawn: bool = False                       # spawn mode: the head keeps the terminal while workers start
+
+
 # ---------------------------------------------------------------------------------------------------
 # value checkers: each returns the converted value or raises UsageError naming the option and the range
 
@@ -142,13 +224,8 @@ def _logit_bias(text: str) -> tuple[int, float]:
 
 
 def _layer_split(text: str) -> list[float]:
-    try:
-        weights = [float(w) for w in text.split(",")]
-    except ValueError:
-        raise UsageError(f"--mpi-layer-split: '{text}' is not a comma-separated list of numbers") from None
-    if not weights or any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
-        raise UsageError(f"--mpi-layer-split: '{text}' must be non-negative weights with a positive sum")
-    return weights
+    weights = parse_split(text)
+    return check_weights(weights, len(weights))          # the rank count is checked once it is known
 
 
 def _prompt_var(text: str) -> tuple[str, str]:

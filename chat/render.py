@@ -7,14 +7,16 @@ A pipe or a narrow terminal never breaks output: the stream is written soft-wrap
 """
 from __future__ import annotations
 
-import codecs
 import sys
-from typing import Callable, Iterable, TextIO
+from typing import TextIO
 
 from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+
+from core.partition import format_layers
+from core.pipeline import RankStats
 
 STYLES = {
     "prompt": "yellow",
@@ -23,23 +25,6 @@ STYLES = {
     "error": "bold red",
     "info": "dim",
 }
-
-
-class PieceStream:
-    """Token ids -> text, holding back an incomplete UTF-8 sequence until its last byte arrives."""
-
-    def __init__(self, piece: Callable[[int], bytes]):
-        self._piece = piece
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def add(self, tokens: Iterable[int]) -> str:
-        return self._decoder.decode(b"".join(self._piece(t) for t in tokens))
-
-    def flush(self) -> str:
-        """Whatever is held back (an unfinished character becomes U+FFFD), and start afresh."""
-        text = self._decoder.decode(b"", final=True)
-        self._decoder.reset()
-        return text
 
 
 class Renderer:
@@ -141,46 +126,23 @@ class Renderer:
             self.stream("\n")
 
 
-def stats_table(stats: list, n_tokens: int, title: str = "per-rank stats") -> Table:
+def stats_table(stats: list[RankStats], n_tokens: int, title: str = "per-rank stats") -> Table:
     """A table of `pipeline.stats()` rows: layers, ms/token, bytes/token, RSS, KV fill.
 
     n_tokens: positions evaluated so far (prompt + fed-back tokens), to turn totals into per-token ms.
     """
     table = Table(title=title, show_edge=False, header_style="bold")
-    hosts = [str(getattr(s, "host", "?")) for s in stats]
+    hosts = [s.host for s in stats]
     for col in ("rank", "host", "layers", "compute ms/tok", "wait ms/tok", "bytes sent/tok", "RSS MiB", "KV fill"):
         # never cut a value short (an 80-column pipe under mpiexec): fold it; host names stay whole
         table.add_column(col, justify="left" if col in ("host", "layers") else "right", overflow="fold",
                          min_width=max(map(len, hosts), default=4) if col == "host" else None)
     per = max(n_tokens, 1)
     for s in stats:
-        layers = getattr(s, "layers", None)
-        layer_text = f"{layers.start}-{layers.stop - 1}" if isinstance(layers, range) and len(layers) else "-"
-        compute, wait = getattr(s, "compute_ms", None), getattr(s, "wait_ms", None)
-        table.add_row(
-            str(getattr(s, "rank", "?")), str(getattr(s, "host", "?")), layer_text,
-            _num(None if compute is None else compute / per), _num(None if wait is None else wait / per),
-            _int(getattr(s, "bytes_per_token", None)), _mib(getattr(s, "rss_bytes", None)), _kv(s))
+        table.add_row(str(s.rank), s.host, format_layers(s.layers) if len(s.layers) else "-",
+                      f"{s.compute_ms / per:.2f}", f"{s.wait_ms / per:.2f}", f"{int(s.bytes_per_token):,}",
+                      f"{s.rss_bytes / 2**20:.1f}", f"{s.n_past}/{s.n_ctx} ({100.0 * s.kv_fill:.0f}%)")
     return table
-
-
-def _num(value) -> str:
-    return "-" if value is None else f"{float(value):.2f}"
-
-
-def _int(value) -> str:
-    return "-" if value is None else f"{int(value):,}"
-
-
-def _mib(value) -> str:
-    return "-" if value is None else f"{value / 2**20:.1f}"
-
-
-def _kv(s) -> str:
-    n_past, n_ctx = getattr(s, "n_past", None), getattr(s, "n_ctx", None)
-    if n_past is None or not n_ctx:
-        return "-"
-    return f"{n_past}/{n_ctx} ({100.0 * n_past / n_ctx:.0f}%)"
 
 
 def timings_text(t: dict) -> str:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, TextIO
 
 from .lines import LineAssembler, ScriptTurn, join_turn, wants_more
+from .options import ReaderSettings
 from .render import Renderer
 
 if TYPE_CHECKING:
@@ -222,14 +223,14 @@ def _mono_depth():
     return ColorDepth.MONOCHROME
 
 
-def make_reader(opts, ui: Renderer, script_turns: list[ScriptTurn] | None):
+def make_reader(settings: ReaderSettings, ui: Renderer, script_turns: list[ScriptTurn] | None):
     """The reader for this run: --script, else prompt_toolkit on a terminal, else plain lines."""
     if script_turns is not None:
         return ScriptReader(script_turns, ui)
     tty = sys.stdin.isatty() and sys.stdout.isatty()
-    if tty and not opts.simple_io and not under_mpiexec():
-        return TerminalReader(ui, opts.multiline_input)
-    return PlainReader(sys.stdin, ui, opts.multiline_input, echo=not sys.stdin.isatty() and not under_mpiexec())
+    if tty and not settings.simple_io and not under_mpiexec():
+        return TerminalReader(ui, settings.multiline_input)
+    return PlainReader(sys.stdin, ui, settings.multiline_input, echo=not sys.stdin.isatty() and not under_mpiexec())
 
 
 class CtrlCWatcher:
@@ -338,9 +339,9 @@ class LoadingCtrlC:
         self.keys.pause()
 
 
-def make_loading_ctrl_c(opts) -> LoadingCtrlC | None:
+def make_loading_ctrl_c(settings: ReaderSettings) -> LoadingCtrlC | None:
     """A LoadingCtrlC in spawn mode with a terminal on stdin, else None (elsewhere SIGINT is ours)."""
-    if under_mpiexec() or not (opts.np or 0) > 1 or not sys.stdin.isatty():
+    if under_mpiexec() or not settings.spawn or not sys.stdin.isatty():
         return None
     try:
         return LoadingCtrlC(sys.stdin.fileno())
@@ -348,7 +349,7 @@ def make_loading_ctrl_c(opts) -> LoadingCtrlC | None:
         return None
 
 
-def make_ctrl_c_watcher(opts, reader=None) -> CtrlCWatcher | None:
+def make_ctrl_c_watcher(reader=None) -> CtrlCWatcher | None:
     """A watcher when rank 0 reads a real terminal outside mpiexec (under mpiexec, hydra owns Ctrl-C)."""
     if under_mpiexec() or not sys.stdin.isatty():
         return None

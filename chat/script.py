@@ -13,7 +13,7 @@ from pathlib import Path
 from core.errors import UsageError
 
 from .lines import ScriptTurn, decode_script, split_script
-from .options import ChatOptions, read_user_file
+from .options import read_user_file
 
 RUN_HEADING = "## Run"
 
@@ -69,35 +69,6 @@ class Transcript:
             Path(path).write_text(self.markdown(), encoding="utf-8")
         except OSError as exc:
             raise UsageError(f"cannot write transcript '{path}': {exc.strerror}") from None
-
-
-def settings_of(opts: ChatOptions, model_label: str, n_ctx: int) -> list[tuple[str, str]]:
-    """The settings that decide the tokens (no rank count, no resolved clock seed)."""
-    rows = [("model", model_label), ("n_ctx", str(n_ctx)), ("n_predict", str(opts.n_predict)),
-            ("n_keep", str(opts.n_keep)), ("n_batch", str(opts.n_batch))]
-    modes = [name for name, on in (("interactive", opts.interactive), ("interactive-first", opts.interactive_first),
-                                   ("instruct", opts.instruct), ("multiline-input", opts.multiline_input),
-                                   ("escape", opts.escape), ("ignore-eos", opts.ignore_eos),
-                                   ("in-prefix-bos", opts.input_prefix_bos),
-                                   ("script", opts.script is not None)) if on]
-    rows.append(("modes", ", ".join(modes) or "none"))
-    if opts.prompt_file:
-        rows.append(("prompt file", opts.prompt_file))
-    elif opts.prompt:
-        rows.append(("prompt", repr(opts.prompt if len(opts.prompt) <= 200 else opts.prompt[:200] + "...")))
-    for rp in opts.reverse_prompts:
-        rows.append(("reverse prompt", repr(rp)))
-    if opts.input_prefix:
-        rows.append(("input prefix", repr(opts.input_prefix)))
-    if opts.input_suffix:
-        rows.append(("input suffix", repr(opts.input_suffix)))
-    rows.append(("sampling", f"temp {opts.temp}, top_k {opts.top_k}, top_p {opts.top_p}, min_p {opts.min_p}, "
-                             f"tfs {opts.tfs_z}, typical {opts.typical_p}, repeat_penalty {opts.repeat_penalty} "
-                             f"over {opts.repeat_last_n}, frequency {opts.frequency_penalty}, "
-                             f"presence {opts.presence_penalty}, mirostat {opts.mirostat} "
-                             f"(tau {opts.mirostat_tau}, eta {opts.mirostat_eta})"))
-    rows.append(("seed", str(opts.seed) if opts.seed >= 0 else "from the clock (see Run)"))
-    return rows
 
 
 def _fence(text: str) -> str:

@@ -16,11 +16,11 @@ from typing import Protocol
 import numpy as np
 
 from core.errors import LlamaMpiError
-from core.sampling import Sampler, SamplingParams
+from core.sampling import Sampler
 
 from .commands import Command, help_text, parse_command
-from .options import ChatOptions
-from .render import PieceStream, Renderer, stats_table, timings_text, toolbar_text
+from .options import LoopSettings, SessionSettings
+from .render import Renderer, stats_table, timings_text, toolbar_text
 from .script import Transcript
 from .state import (Accept, ChatState, Done, Eval, Print, Read, ResetHistory, Sample, Shift, Show,
                     UserTurn)
@@ -41,15 +41,14 @@ class _Restart(Exception):
     pass
 
 
-def make_sampler(opts: ChatOptions, tokenizer, n_vocab: int, n_ctx: int) -> tuple[Sampler, int]:
-    """The sampler of the options (seed -1 resolved from the clock); --ignore-eos bans the end tokens."""
-    names = {f for f in SamplingParams.__dataclass_fields__}
-    params = SamplingParams(**{name: getattr(opts, name) for name in names if hasattr(opts, name)})
-    if opts.ignore_eos:
-        for eog in sorted(getattr(tokenizer, "eog_ids", None) or {tokenizer.eos_id}):
+def make_sampler(settings: SessionSettings, tokenizer, n_vocab: int, n_ctx: int) -> tuple[Sampler, int]:
+    """The sampler of the settings (seed -1 resolved from the clock); --ignore-eos bans the end tokens."""
+    params = settings.sampling
+    if settings.ignore_eos:
+        for eog in sorted(tokenizer.eog_ids):
             params = params.with_logit_bias(int(eog), float("-inf"))
-    seed = opts.seed if opts.seed >= 0 else int(time.time()) & 0xFFFFFFFF
-    return Sampler(params, n_vocab, seed, nl_id=getattr(tokenizer, "nl_id", None), n_ctx=n_ctx), seed
+    seed = settings.seed if settings.seed >= 0 else int(time.time()) & 0xFFFFFFFF
+    return Sampler(params, n_vocab, seed, nl_id=tokenizer.nl_id, n_ctx=n_ctx), seed
 
 
 @dataclass
@@ -75,18 +74,18 @@ class ChatSession:
     """One chat on rank 0 (restarted by /reset).
 
     Args:
-        opts: options; prompt: the final initial prompt text; reverse_prompts, input_prefix/suffix:
-            with --prompt-var placeholders filled.
+        settings: sampling, seed, --ignore-eos, --transcript; loop: main's loop settings (placeholders
+            filled); prompt: the final initial prompt text.
         pipeline: core.pipeline Pipeline (local or MPI head); tokenizer: core.tokenizer Tokenizer.
         ui: Renderer; reader: where user turns come from (None: non-interactive).
         transcript: recorder for --transcript and /save.
     """
 
-    def __init__(self, opts: ChatOptions, pipeline, tokenizer, ui: Renderer, reader: Reader | None, *,
-                 prompt: str, reverse_prompts: tuple[str, ...] = (), input_prefix: str = "",
-                 input_suffix: str = "", transcript: Transcript | None = None, load_ms: float = 0.0,
-                 keys=None):
-        self.opts = opts
+    def __init__(self, settings: SessionSettings, loop: LoopSettings, pipeline, tokenizer, ui: Renderer,
+                 reader: Reader | None, *, prompt: str, transcript: Transcript | None = None,
+                 load_ms: float = 0.0, keys=None):
+        self.settings = settings
+        self.loop = loop
         self.pipeline = pipeline
         self.tok = tokenizer
         self.ui = ui
@@ -96,24 +95,20 @@ class ChatSession:
         # meanwhile is reported at once, as one PipelineError); None in one process (nothing to watch)
         self.peer_watch = getattr(pipeline, "poll_failure", None)
         self.prompt = prompt
-        self.reverse_prompts = reverse_prompts
-        self.input_prefix = input_prefix
-        self.input_suffix = input_suffix
         self.transcript = transcript or Transcript()
         self.n_ctx = int(pipeline.n_ctx)
         self.n_vocab = int(pipeline.config.n_vocab)
-        self.sampler, self.seed = make_sampler(opts, tokenizer, self.n_vocab, self.n_ctx)
+        self.sampler, self.seed = make_sampler(settings, tokenizer, self.n_vocab, self.n_ctx)
         self.timings = Timings(load_ms=load_ms)
         self.state = self._new_state()           # raises ContextOverflowError before anything runs
-        self.pieces = PieceStream(lambda t: tokenizer.token_to_piece(t, special=False))
+        self.pieces = tokenizer.stream_decoder(strip_leading_space=False)
         self.logits: np.ndarray | None = None
         self.reading = False
         self.interrupts = 0
         self.rank_ms: list[float] = []
 
     def _new_state(self) -> ChatState:
-        return ChatState(self.opts, self.tok, self.n_ctx, self.prompt, self.reverse_prompts,
-                         self.input_prefix, self.input_suffix)
+        return ChatState(self.loop, self.tok, self.n_ctx, self.prompt)
 
     # -- Ctrl-C -----------------------------------------------------------------------------------
 
@@ -180,7 +175,7 @@ class ChatSession:
             elif isinstance(req, ResetHistory):
                 self.sampler.reset()
             elif isinstance(req, Show):
-                self._emit(self.pieces.add(req.tokens), req.style)
+                self._emit("".join(self.pieces.add(t) for t in req.tokens), req.style)
             elif isinstance(req, Print):
                 self._emit(self.pieces.flush(), "output")
                 self._emit(req.text, req.style)
@@ -301,9 +296,9 @@ class ChatSession:
         self.ui.newline_if_needed()
         self.refresh_rank_ms()
         self.ui.info(timings_text(self.timings.as_dict()))
-        if self.opts.transcript:
+        if self.settings.transcript:
             self._fill_run_facts()
             try:
-                self.transcript.save(self.opts.transcript)
+                self.transcript.save(self.settings.transcript)
             except LlamaMpiError as exc:
                 self.ui.error(str(exc))

@@ -8,13 +8,13 @@ run for a terminal, a pipe, a script and the tests. Only `Sample` and `Read` exp
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Generator, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Generator, Protocol
 
 from core.errors import ContextOverflowError
 from core.generate import CTX_MARGIN, batches, fit_input
 
-from .options import ChatOptions, process_escapes
+from .options import LoopSettings, process_escapes
 
 # Alpaca instruct template (llama.cpp main, -ins): the prefix is tokenized with BOS.
 INSTRUCT_PREFIX = "\n\n### Instruction:\n\n"
@@ -27,6 +27,7 @@ N_PREV = 32  # tokens of history searched for a reverse prompt (llama.cpp main's
 class TokenizerLike(Protocol):
     bos_id: int | None
     add_bos: bool
+    eog_ids: frozenset[int]
 
     def encode(self, text: str, add_bos: bool | None = None, parse_special: bool = False) -> list[int]: ...
 
@@ -108,32 +109,28 @@ class Counters:
 
 
 class ChatState:
-    """One conversation of llama.cpp `main`: build with the options, then drive `run()`.
+    """One conversation of llama.cpp `main`: build with the settings, then drive `run()`.
 
     Args:
-        opts: parsed options (prompt text already final: -f read, --prompt-var filled).
+        settings: the loop's settings (-r, --in-prefix, --in-suffix with --prompt-var filled).
         tokenizer: encode/token_to_piece/bos_id/add_bos, plus `eog_ids` (end-of-generation ids).
         n_ctx: the context size the pipeline was built with.
-        prompt: the initial prompt text (opts.prompt, or the -f file's text).
-        reverse_prompts, input_prefix, input_suffix: -r, --in-prefix, --in-suffix with --prompt-var
-            placeholders filled (None: as in opts); instruct mode appends its reverse prompt.
+        prompt: the initial prompt text (-p, or the -f file's text), placeholders filled.
 
     Raises:
         ContextOverflowError: the prompt is longer than n_ctx - 4 tokens.
     """
 
-    def __init__(self, opts: ChatOptions, tokenizer: TokenizerLike, n_ctx: int, prompt: str,
-                 reverse_prompts: Sequence[str] | None = None, input_prefix: str | None = None,
-                 input_suffix: str | None = None):
-        self.opts = opts
+    def __init__(self, settings: LoopSettings, tokenizer: TokenizerLike, n_ctx: int, prompt: str):
+        self.opts = settings
         self.tok = tokenizer
         self.n_ctx = n_ctx
-        self.instruct = opts.instruct
-        self.interactive = opts.is_interactive
-        self.input_prefix = opts.input_prefix if input_prefix is None else input_prefix
-        self.input_suffix = opts.input_suffix if input_suffix is None else input_suffix
-        self.eog = frozenset(getattr(tokenizer, "eog_ids", None) or {getattr(tokenizer, "eos_id")})
-        self.reverse_prompts = list(opts.reverse_prompts if reverse_prompts is None else reverse_prompts)
+        self.instruct = settings.instruct
+        self.interactive = settings.interactive
+        self.input_prefix = settings.input_prefix
+        self.input_suffix = settings.input_suffix
+        self.eog = frozenset(tokenizer.eog_ids)
+        self.reverse_prompts = list(settings.reverse_prompts)
         if self.instruct:
             self.reverse_prompts.append(INSTRUCT_REVERSE_PROMPT)
         # the prompt: tokenized with the model's BOS rule and special tokens; never empty
@@ -143,14 +140,14 @@ class ChatState:
         if len(self.embd_inp) > n_ctx - CTX_MARGIN:
             raise ContextOverflowError(f"prompt is too long ({len(self.embd_inp)} tokens, "
                                        f"max {n_ctx - CTX_MARGIN} for -c {n_ctx})")
-        self.c = Counters(n_remain=opts.n_predict, n_prompt=len(self.embd_inp))
-        keep = opts.n_keep
+        self.c = Counters(n_remain=settings.n_predict, n_prompt=len(self.embd_inp))
+        keep = settings.n_keep
         if keep < 0 or keep > len(self.embd_inp) or self.instruct:
             keep = len(self.embd_inp)
         self.c.n_keep = keep
         self.inp_pfx = tokenizer.encode(INSTRUCT_PREFIX, add_bos=None, parse_special=True)
         self.inp_sfx = tokenizer.encode(INSTRUCT_SUFFIX, add_bos=False, parse_special=True)
-        self.is_interacting = opts.interactive_first or self.instruct
+        self.is_interacting = settings.interactive_first or self.instruct
         self.is_antiprompt = False
         self.history: list[int] = []   # mirrors the sampler's history (since its last reset)
 

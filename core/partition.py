@@ -20,7 +20,8 @@ def parse_split(text: str) -> list[float]:
         try:
             weights.append(float(item))
         except ValueError:
-            raise UsageError(f"--mpi-layer-split: item {i + 1} '{item}' is not a number") from None
+            raise UsageError(f"--mpi-layer-split: '{text}' is not a comma-separated list of numbers "
+                             f"(item {i + 1} '{item}')") from None
     return weights
 
 

@@ -8,7 +8,7 @@ import pytest
 from chat.commands import Command, parse_command
 from chat.lines import (LineAssembler, ScriptTurn, apply_line_rule, decode_script, join_turn, split_script,
                         wants_more)
-from chat.render import PieceStream, Renderer
+from chat.render import Renderer
 from chat.repl import PlainReader, ScriptReader, TerminalReader
 from chat.script import Transcript, load_script
 from core.errors import UsageError
@@ -110,11 +110,17 @@ def test_long_lines_are_not_wrapped_or_padded():
     assert out.getvalue() == text
 
 
-def test_piece_stream_never_prints_half_a_character():
+def test_piece_stream_never_prints_half_a_character(fixtures):
+    """The session streams with Tokenizer.stream_decoder (raw pieces: no leading space removed)."""
+    from core.tokenizer import Tokenizer
+    tok = Tokenizer.from_path(fixtures / "vocab" / "ggml-vocab-llama-spm.gguf")
+    ids = {text: i for i, text in enumerate(tok.vocab.tokens)}
+    byte = {b: ids[f"<0x{b:02X}>"] for b in range(256)}                # SPM byte tokens
     pieces = {1: b"caf", 2: b"\xc3", 3: b"\xa9 ", 4: b"\xf0\x9f", 5: b"\x98", 6: b"\x80!"}
-    s = PieceStream(lambda t: pieces[t])
-    assert [s.add([t]) for t in range(1, 7)] == ["caf", "", "\u00e9 ", "", "", "\U0001F600!"]
-    assert s.add([2]) == "" and s.flush() == "\ufffd"
+    s = tok.stream_decoder(strip_leading_space=False)
+    assert ["".join(s.add(byte[b]) for b in pieces[t]) for t in range(1, 7)] == \
+        ["caf", "", "\u00e9 ", "", "", "\U0001F600!"]
+    assert s.add(byte[0xC3]) == "" and s.flush() == "\ufffd"
 
 
 def test_transcript_markdown_keeps_run_facts_after_the_conversation():

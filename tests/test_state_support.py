@@ -92,4 +92,4 @@ def kinds(log: list) -> list[str]:
 
 
 def make(opts: ChatOptions, prompt: str, n_ctx: int = 512, extra=None, **kw) -> ChatState:
-    return ChatState(opts, ByteTokenizer(extra), n_ctx, prompt, **kw)
+    return ChatState(opts.loop_settings(**kw), ByteTokenizer(extra), n_ctx, prompt)
