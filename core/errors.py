@@ -38,3 +38,7 @@ def one_line(exc: BaseException) -> str:
     """An exception as one line for a report: a LlamaMpiError's own text, else "TypeName: text"."""
     text = str(exc) if isinstance(exc, LlamaMpiError) else f"{type(exc).__name__}: {exc}"
     return " ".join(text.split())
+
+
+class TemplateError(UsageError):
+    """A chat template that does not compile or fails while rendering (one line, with its own message)."""
