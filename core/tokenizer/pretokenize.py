@@ -10,7 +10,11 @@ llama.cpp runs two kinds of regex (unicode.cpp, unicode_regex_split):
 * std::regex for the others, on a copy of the text where every non-ASCII whitespace character became
   U+000B (std::regex's `\\s` is ASCII only). `_STL` patterns below are matched against that copy (same
   length, so offsets carry over), with `\\s` spelled as the ASCII class and `$` as `\\Z` (end of the piece,
-  not "before a final newline").
+  not "before a final newline"); `_stl()` does that spelling for patterns copied from llama.cpp.
+  llama.cpp picks the hand-written code only for those two exact strings: a list that repeats one of
+  them (smollm, smaug-bpe, mellum) gets it too, a near copy (qwen2, seed-coder) goes to std::regex
+  (newer llama.cpp also hand-writes qwen2's; both give the same pieces).
+Which `tokenizer.ggml.pre` name selects which kind: core/tokenizer/pretypes.py.
 """
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ _TO_VT = {c: "\x0b" for c in (0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028
                               0x3000)}
 _ASCII_WS = r"\t\n\x0b\x0c\r "
 
-# The two patterns llama.cpp splits with hand-written code (Unicode White_Space for \s).
+# The two patterns llama.cpp splits with hand-written code (Unicode White_Space for \s). llama.cpp's GPT-2
+# string ends with `\s+(?!\S)`; its hand-written code then takes leftover whitespace as a piece: the `|\s+`.
 GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 LLAMA3 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -48,11 +53,58 @@ _DEEPSEEK_LETTERS = (
 _CJK = "\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff"
 _S = f"[{_ASCII_WS}]"
 
+# std::regex patterns as llama.cpp writes them (llm_tokenizer_bpe's constructor); _stl() adapts them.
+_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+QWEN2 = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+SEED_CODER = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+"
+              r"|\s+(?!\S)|\s+")
+# Tekken's tokenizer.json has \p{Lu}.. / \p{Ll}.. classes; llama.cpp's std::regex only knows whole
+# categories, so it writes "upper" as "a letter not a-z" and "lower" as "a letter not A-Z": every non-ASCII
+# letter counts as both (kept here: "ÉRIC" -> "É", "RIC", where Hugging Face keeps one word).
+TEKKEN = (r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+"
+          r"|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*"
+          r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Viking: anything but whitespace, ( | ) and sentence punctuation (… 。 ， 、 Devanagari danda, Arabic . ,)
+VIKING = " ?[^(\\s|.,!?\u2026\u3002\uff0c\u3001\u0964\u06d4\u060c)]+"
+DEEPSEEK_V3 = (r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"""
+               r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_KANA_HAN = "\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff"   # CJK ideographs, hiragana, katakana
+
+
+def _stl(pattern: str) -> tuple[str, bool]:
+    """A pattern llama.cpp runs through std::regex, respelled for the U+000B copy of the text: `\\s` as
+    the ASCII whitespace class (inside brackets too), `\\S` as its complement, an unbracketed `$` as `\\Z`."""
+    out: list[str] = []
+    inside, i = False, 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            esc = pattern[i:i + 2]
+            assert not (inside and esc == r"\S"), f"\\S inside brackets in {pattern!r}"
+            out.append({r"\s": _ASCII_WS if inside else _S, r"\S": f"[^{_ASCII_WS}]"}.get(esc, esc))
+            i += 2
+            continue
+        if c == "[" or (c == "]" and inside):
+            inside = c == "["
+        elif c == "$" and not inside:
+            c = r"\Z"
+        out.append(c)
+        i += 1
+    return "".join(out), True
+
+
 # Each entry: (pattern, matched against the U+000B copy?).
 _PATTERNS: dict[str, list[tuple[str, bool]]] = {
     "default": [(r"[\p{P}\$\+<=>\^~\|]+", True), (GPT2, False), (r"\p{N}+", True),
                 (r"[0-9][0-9][0-9]", True)],
     "llama3": [(LLAMA3, False)],
+    "gpt2": [(GPT2, False)],
+    "smollm": [(r"\p{N}", True), (GPT2, False)],
+    "qwen2": [_stl(QWEN2)],
+    "seed-coder": [_stl(SEED_CODER)],
+    "tekken": [_stl(TEKKEN)],
+    "viking": [_stl(VIKING), (r"\p{N}", True)],
+    "deepseek-v3": [(r"\p{N}{1,3}", True), (f"[{_KANA_HAN}]+", True), _stl(DEEPSEEK_V3)],
     "deepseek-llm": [(r"[\r\n]", True), (f"{_S}?[{_DEEPSEEK_LETTERS}]+", True),
                      (f"{_S}?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+", True),
                      (f"{_S}+\\Z", True), (f"[{_CJK}]+", True), (r"\p{N}+", True)],
@@ -62,7 +114,7 @@ _PATTERNS: dict[str, list[tuple[str, bool]]] = {
 
 
 def make_splitter(pre: str) -> Callable[[str], list[str]]:
-    """A function text -> words for the pre-tokenizer kind `pre` (a key of vocab.PRE_TYPES' values)."""
+    """A function text -> words for the pre-tokenizer kind `pre` (a pretypes.PreType.kind)."""
     if pre not in _PATTERNS:
         raise TokenizerError(f"unknown pre-tokenizer '{pre}' (supported: {', '.join(sorted(_PATTERNS))})")
     compiled = [(regex.compile(p), stl) for p, stl in _PATTERNS[pre]]

@@ -12,20 +12,13 @@ from typing import Any, Mapping
 import numpy as np
 
 from core.errors import TokenizerError
+from core.tokenizer.pretypes import pre_type
 
 # Token attributes (llama_token_attr bits), mapped from GGUF token types 0..6.
 ATTR_UNDEFINED, ATTR_UNKNOWN, ATTR_UNUSED, ATTR_NORMAL = 1 << 0, 1 << 1, 1 << 2, 1 << 3
 ATTR_CONTROL, ATTR_USER_DEFINED, ATTR_BYTE = 1 << 4, 1 << 5, 1 << 6
 _TYPE_TO_ATTR = np.array([ATTR_UNDEFINED, ATTR_NORMAL, ATTR_UNKNOWN, ATTR_CONTROL,
                           ATTR_USER_DEFINED, ATTR_UNUSED, ATTR_BYTE], dtype=np.int32)
-
-# Pre-tokenizer names we implement -> canonical kind (llama.cpp's LLAMA_VOCAB_PRE_TYPE_*).
-PRE_TYPES = {
-    "default": "default",
-    "llama3": "llama3", "llama-v3": "llama3", "llama-bpe": "llama3",
-    "deepseek-llm": "deepseek-llm",
-    "deepseek-coder": "deepseek-coder",
-}
 
 # Texts that llama.cpp recognises as end-of-turn / end-of-generation tokens (llama-vocab.cpp, load()).
 _EOT_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
@@ -44,7 +37,7 @@ class Vocab:
 
     source: str                 # file name, for error messages
     model: str                  # "llama" (SPM) or "gpt2" (byte-level BPE)
-    pre: str                    # canonical pre-tokenizer kind (PRE_TYPES values); "default" for SPM
+    pre: str                    # splitter kind (pretypes.PreType.kind); "default" for SPM
     tokens: list[str]           # token texts (UTF-8 decoded, invalid bytes kept as surrogates)
     scores: np.ndarray          # (n_vocab,) f32 piece scores (SPM); zeros for BPE
     attrs: np.ndarray           # (n_vocab,) i32 ATTR_* bits
@@ -138,15 +131,10 @@ def load_vocab(meta: Mapping[str, Any], source: str) -> Vocab:
         if not isinstance(raw_merges, list) or not raw_merges:
             raise TokenizerError(f"{source}: BPE vocabulary without tokenizer.ggml.merges")
         merges = _merge_ranks(raw_merges)
-        if pre_name not in PRE_TYPES:
-            raise TokenizerError(f"{source}: unknown pre-tokenizer '{pre_name}' "
-                                 f"(supported: {', '.join(sorted(PRE_TYPES))})")
-        pre, bos, eos, unk = PRE_TYPES[pre_name], 11, 11, -1
-        add_bos, add_eos, add_space_prefix, clean_spaces, ignore_merges = False, False, False, True, False
-        if pre == "llama3":
-            add_bos, ignore_merges = True, True
-        elif pre in ("deepseek-llm", "deepseek-coder"):
-            clean_spaces = False
+        rule = pre_type(pre_name, source)
+        pre, bos, eos, unk = rule.kind, 11, 11, -1
+        add_bos, add_eos, add_space_prefix = rule.add_bos, False, False
+        clean_spaces, ignore_merges = rule.clean_spaces, rule.ignore_merges
         scores = np.zeros(n, dtype=np.float32) if scores is None else scores
     add_space_prefix = bool(meta.get(KEY + "add_space_prefix", add_space_prefix))
 
