@@ -2,7 +2,8 @@
 
 Owns: validating `tokenizer.ggml.*` metadata (a dict from core/tokenizer/gguf_meta.py) and applying
 llama.cpp's defaults (special ids per model type, add_bos/add_eos, add_space_prefix, clean_spaces,
-ignore_merges per pre-tokenizer, the end-of-generation set). Must not tokenize or detokenize.
+ignore_merges per pre-tokenizer, fill-in-the-middle ids, the end-of-generation set). Must not tokenize or
+detokenize.
 """
 from __future__ import annotations
 
@@ -27,6 +28,22 @@ _EOG_TEXTS = frozenset(("<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|
                         "<|calls|>", "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>",
                         "_<EOT>", "[EOT]", "[EOS]", "<|end_of_text|>", "<end_of_utterance>", "<eos>",
                         "<turn|>", "<|tool_response>", "<｜end▁of▁sentence｜>", "[e~["))
+
+# Fill-in-the-middle tokens llama.cpp finds by text when the GGUF gives no id (same place); those of
+# kind pad, rep and sep end generation too. "\u2581" is SPM's space, "\uff5c" DeepSeek's fullwidth bar.
+_FIM_TEXTS = {
+    "fim_pre": ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<\uff5cfim\u2581begin\uff5c>", "<PRE>",
+                "\u2581<PRE>", "<|code_prefix|>", "<|prefix|>"),
+    "fim_suf": ("<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<\uff5cfim\u2581hole\uff5c>", "<SUF>",
+                "\u2581<SUF>", "<|code_suffix|>", "<|suffix|>"),
+    "fim_mid": ("<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<\uff5cfim\u2581end\uff5c>", "<MID>",
+                "\u2581<MID>", "<|code_middle|>", "<|middle|>"),
+    "fim_pad": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"),
+    "fim_rep": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
+    "fim_sep": ("<|file_sep|>",),
+}
+_FIM_OLD_KEYS = {"fim_pre": "prefix", "fim_suf": "suffix", "fim_mid": "middle"}  # deprecated, read last
+_FIM_EOG = ("fim_pad", "fim_rep", "fim_sep")
 
 KEY = "tokenizer.ggml."
 
@@ -147,7 +164,8 @@ def load_vocab(meta: Mapping[str, Any], source: str) -> Vocab:
     if add_eos and eos < 0:
         raise TokenizerError(f"{source}: add_eos_token is true but there is no valid eos_token_id")
 
-    eot, eom, eog = _end_of_generation(token_to_id, attrs, eos, eot, eom)
+    fim = _fill_in_the_middle(meta, token_to_id, attrs)
+    eot, eom, eog = _end_of_generation(token_to_id, attrs, eos, eot, eom, [fim[k] for k in _FIM_EOG])
     return Vocab(source=source, model=model, pre=pre, tokens=tokens,
                  scores=np.asarray(scores, dtype=np.float32), attrs=attrs, token_to_id=token_to_id,
                  merges=merges, bos_id=bos, eos_id=eos, eot_id=eot, eom_id=eom, unk_id=unk,
@@ -163,11 +181,32 @@ def _merge_ranks(raw_merges: list[bytes]) -> dict[str, int]:
     return dict(zip(reversed(lines), range(n - 1, -1, -1)))
 
 
+def _fill_in_the_middle(meta: Mapping[str, Any], token_to_id: dict[str, int],
+                        attrs: np.ndarray) -> dict[str, int]:
+    """llama.cpp's fill-in-the-middle ids by kind (-1: none): the metadata id, else the token found by text.
+
+    A token found by its text is marked control, as llama.cpp does. When several texts of one kind are in
+    the vocabulary, llama.cpp takes whichever its hash map lists first; here the first of _FIM_TEXTS.
+    """
+    n = len(attrs)
+    ids: dict[str, int] = {}
+    for kind, texts in _FIM_TEXTS.items():
+        tid = _special_id(meta, kind, -1, n)
+        tid = _special_id(meta, _FIM_OLD_KEYS.get(kind, kind), tid, n)
+        if tid < 0:
+            tid = next((token_to_id[t] for t in texts if t in token_to_id), -1)
+            if tid >= 0:
+                attrs[tid] |= ATTR_CONTROL
+        ids[kind] = tid
+    return ids
+
+
 def _end_of_generation(token_to_id: dict[str, int], attrs: np.ndarray, eos: int, eot: int,
-                       eom: int) -> tuple[int, int, frozenset[int]]:
+                       eom: int, fim: list[int]) -> tuple[int, int, frozenset[int]]:
     """llama.cpp's EOT/EOM auto-detection by text and its end-of-generation set.
 
-    Tokens found by their text are marked control, as llama.cpp does; eos/eot/eom always join the set.
+    Tokens found by their text are marked control, as llama.cpp does; eos/eot/eom and the given
+    fill-in-the-middle ids (pad, repo, file separator) always join the set.
     """
     by_text: set[int] = {token_to_id[t] for t in _EOG_TEXTS if t in token_to_id}
     if eot < 0:
@@ -180,5 +219,5 @@ def _end_of_generation(token_to_id: dict[str, int], attrs: np.ndarray, eos: int,
     for i in by_text:
         attrs[i] |= ATTR_CONTROL
     eog = {token_to_id[t] for t in _EOG_TEXTS if t in token_to_id}
-    eog.update(i for i in (eos, eot, eom) if i >= 0)
+    eog.update(i for i in (eos, eot, eom, *fim) if i >= 0)
     return eot, eom, frozenset(eog)
