@@ -3,9 +3,13 @@
 Owns: llama.cpp's tokenizer_st_partition. Special tokens are the control, user-defined and unknown
 tokens, tried longest text first; each one splits every raw fragment left by the previous ones at all
 its occurrences. Control and unknown tokens only when `parse_special` (prompts, templates); user-defined
-tokens always (as llama.cpp and Hugging Face do). Must not tokenize the raw fragments.
+tokens always (as llama.cpp and Hugging Face do). Also the same split over parts of a text of which only
+some may hold control tokens (template text vs what a user typed). Must not tokenize the raw fragments.
 """
 from __future__ import annotations
+
+from itertools import groupby
+from typing import Sequence
 
 from core.tokenizer.vocab import ATTR_CONTROL, ATTR_UNKNOWN, ATTR_USER_DEFINED, Vocab
 
@@ -39,3 +43,21 @@ class SpecialSplitter:
                         new.append(piece)
             parts = new
         return parts
+
+    def split_parts(self, parts: Sequence[tuple[str, bool]]) -> list[str | int]:
+        """Parts (text, parse_special) -> the fragments of their concatenation, special tokens taken only
+        inside parts whose flag is True. Raw text on both sides of a part boundary stays one fragment.
+
+        Neighbouring parts with the same flag are split as one text (a token may straddle them); a token
+        straddling a True/False boundary is not one. So [(t, True)] splits like split(t, True), [(t, False)]
+        like split(t, False), and any mix like split(joined, True) when no control-token text lies in or
+        across a False part.
+        """
+        out: list[str | int] = []
+        for parse_special, group in groupby(parts, key=lambda part: part[1]):
+            for frag in self.split("".join(text for text, _ in group), parse_special):
+                if isinstance(frag, str) and out and isinstance(out[-1], str):
+                    out[-1] += frag
+                else:
+                    out.append(frag)
+        return out

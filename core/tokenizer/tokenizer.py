@@ -90,6 +90,32 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TokenizerError(f"cannot tokenize {type(text).__name__}, expected str")
+        return self._encode_fragments(self._special.split(text, parse_special), add_bos, add_eos)
+
+    def encode_parts(self, parts: Sequence[tuple[str, bool]], add_bos: bool | None = None) -> list[int]:
+        """Tokenize text made of parts, with special tokens recognised only in the parts flagged True.
+
+        For chat prompts: template text (True) may hold `<|im_start|>` and the like; what a user typed
+        (False) never becomes a control token, whatever it contains. Raw text between special tokens is
+        tokenized as one fragment across part boundaries, so `encode_parts([(t, True)])` equals
+        `encode(t, parse_special=True)`, `encode_parts([(t, False)])` equals `encode(t)`, and a mix equals
+        `encode("".join(texts), parse_special=True)` when no control-token text lies in or across a False
+        part.
+        BOS/EOS as in encode(); the SPM leading space goes before text that starts the whole or follows a
+        special token.
+
+        Raises:
+            TokenizerError: a part that is not a (str, bool) pair, or as encode().
+        """
+        parts = list(parts)
+        for k, part in enumerate(parts):
+            if not (isinstance(part, tuple) and len(part) == 2 and isinstance(part[0], str)
+                    and isinstance(part[1], bool)):
+                raise TokenizerError(f"encode_parts: part {k} is {part!r}, expected a (str, bool) pair")
+        return self._encode_fragments(self._special.split_parts(parts), add_bos, None)
+
+    def _encode_fragments(self, fragments: list[str | int], add_bos: bool | None,
+                          add_eos: bool | None) -> list[int]:
         v = self.vocab
         want_bos = v.add_bos if add_bos is None else add_bos
         want_eos = (v.add_eos and add_bos is not False) if add_eos is None else add_eos
@@ -98,7 +124,6 @@ class Tokenizer:
             if v.bos_id < 0:
                 raise TokenizerError(f"{v.source}: BOS requested but the vocabulary has no BOS token")
             out.append(v.bos_id)
-        fragments = self._special.split(text, parse_special)
         try:
             if isinstance(self._encoder, SpmEncoder):
                 self._encode_spm(fragments, out)
