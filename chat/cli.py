@@ -56,7 +56,7 @@ def resolve_demo(opts: ChatOptions) -> tuple[ChatOptions, str | None]:
 
 def start_pipeline(opts: ChatOptions, ui: Renderer, loading=None):
     """The pipeline for these options: chat/launch.py decides the mode; None on worker ranks.
-    `loading` (a repl.LoadingCtrlC, or None) is armed once every rank agreed on the plan."""
+    `loading` (an interrupts.LoadingCtrlC, or None) is armed once every rank agreed on the plan."""
     from .launch import start_cluster
 
     def on_plan(plan) -> None:
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             ui.error(str(exc) if not _worker_rank() else f"rank {_rank_text()}: {exc}")
         return EXIT_USAGE
     ui = Renderer(opts.color and not env_no_color())
-    from .repl import make_loading_ctrl_c
+    from .interrupts import make_loading_ctrl_c
     loading = make_loading_ctrl_c(opts.reader_settings())   # spawn mode on a terminal: Ctrl-C as a byte
     try:
         return _start_and_chat(opts, ui, loading)
@@ -195,10 +195,11 @@ def _under_launcher() -> bool:
 def run_head(opts: ChatOptions, pipeline, prepared: Prepared, ui: Renderer, banner: str | None,
              load_ms: float, loading=None) -> int:
     """Rank 0 after the cluster is up: tokenizer, session, banner, then the chat (which takes Ctrl-C
-    over from `loading`, a repl.LoadingCtrlC or None)."""
+    over from `loading`, an interrupts.LoadingCtrlC or None)."""
     from core.tokenizer import Tokenizer
 
-    from .repl import make_ctrl_c_watcher, make_reader
+    from .interrupts import make_chat_ctrl_c
+    from .repl import make_reader
     from .script import Transcript
     from .session import ChatSession
 
@@ -207,7 +208,7 @@ def run_head(opts: ChatOptions, pipeline, prepared: Prepared, ui: Renderer, bann
     transcript = Transcript(settings=opts.transcript_settings(Path(opts.model).name, int(pipeline.n_ctx)))
     loop = opts.loop_settings(prepared.reverse_prompts, prepared.input_prefix, prepared.input_suffix)
     session = ChatSession(opts.session_settings(), loop, pipeline, tokenizer, ui, reader, prompt=prepared.prompt,
-                          transcript=transcript, load_ms=load_ms, keys=make_ctrl_c_watcher(reader))
+                          transcript=transcript, load_ms=load_ms, ctrl_c=make_chat_ctrl_c(reader))
     if banner:
         ui.info(banner)
     print_preamble(opts, session, ui, prepared)

@@ -3,19 +3,15 @@ pipe (under mpiexec, piped stdin, --simple-io), or a --script file. All three ap
 so a turn means the same whatever the source.
 
 Owns: line editing, history (a file in the user's data directory), the key bindings for `\\`, `/` and
---multiline-input, the bottom toolbar, and the terminal mode while the model generates (Ctrl-C read as a
-byte, see CtrlCWatcher). It never talks to the pipeline; Ctrl-C at the prompt surfaces as
-KeyboardInterrupt and end of input as None. While it waits for a line it calls the session's
-`peer_watch` hook (when there is one: a cluster) every WATCH_EVERY_S, on the main thread; whatever that
-raises (a worker died meanwhile) ends the wait and surfaces from read_turn.
+--multiline-input, and the bottom toolbar. It never talks to the pipeline and leaves Ctrl-C to
+chat/interrupts.py (at the prompt it surfaces as KeyboardInterrupt; end of input as None). While it
+waits, it calls the session's `peer_watch` hook every WATCH_EVERY_S on the main thread.
 """
 from __future__ import annotations
 
 import os
 import select
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, TextIO
@@ -49,7 +45,7 @@ class PlainReader:
         echo: print each turn (input piped from a file: the terminal did not show it).
     """
 
-    ctrl_c_ends_line = False      # set when a CtrlCWatcher reads the terminal: Ctrl-C arrives as "\x03"
+    ctrl_c_ends_line = False      # set by chat/interrupts.py on a terminal: Ctrl-C arrives as "\x03"
 
     def __init__(self, stream: TextIO, ui: Renderer, multiline: bool, echo: bool):
         self.stream = stream
@@ -231,132 +227,3 @@ def make_reader(settings: ReaderSettings, ui: Renderer, script_turns: list[Scrip
     if tty and not settings.simple_io and not under_mpiexec():
         return TerminalReader(ui, settings.multiline_input)
     return PlainReader(sys.stdin, ui, settings.multiline_input, echo=not sys.stdin.isatty() and not under_mpiexec())
-
-
-class CtrlCWatcher:
-    """While the model generates on a terminal: Ctrl-C arrives as a byte, not as SIGINT.
-
-    Why: in spawn mode MPICH's process manager shares the terminal's process group, and a SIGINT from
-    the terminal makes it abort every rank. Turning off ISIG while generating keeps Ctrl-C ours; we
-    poll stdin between tokens. (At the prompt prompt_toolkit has the terminal in raw mode anyway.)
-    """
-
-    def __init__(self, fd: int):
-        import termios
-        self.fd = fd
-        self._saved = termios.tcgetattr(fd)
-        self.active = False
-
-    def resume(self) -> None:
-        """Generation starts: no signals, no echo, no line buffering."""
-        import termios
-        if self.active:
-            return
-        self._saved = termios.tcgetattr(self.fd)
-        attrs = termios.tcgetattr(self.fd)
-        attrs[3] &= ~(termios.ISIG | termios.ICANON | termios.ECHO)
-        attrs[6][termios.VMIN], attrs[6][termios.VTIME] = 0, 0
-        termios.tcsetattr(self.fd, termios.TCSANOW, attrs)
-        self.active = True
-
-    def pause(self, line_reader: bool = False) -> None:
-        """Back to the terminal as it was (before reading a turn, and at exit).
-
-        line_reader: a plain line reader follows; keep signals off but let Ctrl-C end the line (VEOL),
-            so that it still never reaches the process manager.
-        """
-        import termios
-        if not self.active:
-            return
-        attrs = [list(a) if isinstance(a, list) else a for a in self._saved]
-        if line_reader:
-            attrs[3] &= ~termios.ISIG
-            attrs[6][termios.VEOL] = b"\x03"
-        termios.tcsetattr(self.fd, termios.TCSANOW, attrs)
-        self.active = False
-
-    def poll(self) -> int:
-        """Ctrl-C presses typed since the last poll (other keys typed while generating are dropped)."""
-        import select
-        if not self.active:
-            return 0
-        presses = 0
-        while select.select([self.fd], [], [], 0)[0]:
-            data = os.read(self.fd, 1024)
-            if not data:
-                break
-            presses += data.count(b"\x03")
-        return presses
-
-
-class LoadingCtrlC:
-    """Spawn mode on a terminal, from start-up until the chat's own Ctrl-C handling takes over.
-
-    Why: the process manager MPICH forks for the workers shares our foreground process group, so a
-    Ctrl-C that the terminal turns into SIGINT reaches it too, and it kills every rank at once (the head
-    with SIGKILL, without a word). So the terminal sends no signals (as while generating) and a thread
-    reads Ctrl-C as a byte (other keys typed meanwhile are dropped). A press is held until `arm()` (every
-    rank has joined, so aborting the job reaches them all), then raised in the main thread as
-    KeyboardInterrupt, wherever the start-up is.
-    """
-
-    def __init__(self, fd: int):
-        self.keys = CtrlCWatcher(fd)
-        self.keys.resume()
-        self.pressed = False
-        self._armed = self._sent = False
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._main = threading.main_thread().ident
-        self._thread = threading.Thread(target=self._read, name="ctrl-c-while-loading", daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        while not self._stop.is_set():
-            if select.select([self.keys.fd], [], [], 0.05)[0] and self.keys.poll():
-                with self._lock:
-                    self.pressed = True
-                self._deliver()
-
-    def arm(self) -> None:
-        """From now on a press interrupts the main thread (one held since start-up does so at once)."""
-        with self._lock:
-            self._armed = True
-        self._deliver()
-
-    def _deliver(self) -> None:
-        with self._lock:
-            if self._armed and self.pressed and not self._sent and not self._stop.is_set():
-                self._sent = True
-                signal.pthread_kill(self._main, signal.SIGINT)
-
-    def stop(self) -> None:
-        """The chat takes over (or the process leaves): the thread ends, the terminal is as it was."""
-        with self._lock:                            # no interrupt is delivered after this
-            self._stop.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join()
-        self.keys.pause()
-
-
-def make_loading_ctrl_c(settings: ReaderSettings) -> LoadingCtrlC | None:
-    """A LoadingCtrlC in spawn mode with a terminal on stdin, else None (elsewhere SIGINT is ours)."""
-    if under_mpiexec() or not settings.spawn or not sys.stdin.isatty():
-        return None
-    try:
-        return LoadingCtrlC(sys.stdin.fileno())
-    except (OSError, ValueError, ImportError):
-        return None
-
-
-def make_ctrl_c_watcher(reader=None) -> CtrlCWatcher | None:
-    """A watcher when rank 0 reads a real terminal outside mpiexec (under mpiexec, hydra owns Ctrl-C)."""
-    if under_mpiexec() or not sys.stdin.isatty():
-        return None
-    try:
-        watcher = CtrlCWatcher(sys.stdin.fileno())
-    except (OSError, ValueError, ImportError):
-        return None
-    if isinstance(reader, PlainReader):
-        reader.ctrl_c_ends_line = True
-    return watcher

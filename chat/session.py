@@ -7,8 +7,6 @@ replays it); nothing here touches MPI directly, reads a terminal directly or cho
 """
 from __future__ import annotations
 
-import os
-import signal
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -19,13 +17,13 @@ from core.errors import LlamaMpiError
 from core.sampling import Sampler
 
 from .commands import Command, help_text, parse_command
+from .interrupts import EXIT_INTERRUPTED, ChatCtrlC
 from .options import LoopSettings, SessionSettings
 from .render import Renderer, stats_table, timings_text, toolbar_text
 from .script import Transcript
 from .state import (Accept, ChatState, Done, Eval, Print, Read, ResetHistory, Sample, Shift, Show,
                     UserTurn)
 
-EXIT_INTERRUPTED = 130
 
 
 class Reader(Protocol):
@@ -83,17 +81,17 @@ class ChatSession:
 
     def __init__(self, settings: SessionSettings, loop: LoopSettings, pipeline, tokenizer, ui: Renderer,
                  reader: Reader | None, *, prompt: str, transcript: Transcript | None = None,
-                 load_ms: float = 0.0, keys=None):
+                 load_ms: float = 0.0, ctrl_c: ChatCtrlC | None = None):
         self.settings = settings
         self.loop = loop
         self.pipeline = pipeline
         self.tok = tokenizer
         self.ui = ui
         self.reader = reader
-        self.keys = keys                         # CtrlCWatcher on a terminal (Ctrl-C as a byte), or None
+        self.ctrl_c = ctrl_c or ChatCtrlC(None)   # presses from SIGINT or, on a terminal, read as a byte
         # what a reader calls while it waits for input: a cluster's failure poll (a worker that dies
         # meanwhile is reported at once, as one PipelineError); None in one process (nothing to watch)
-        self.peer_watch = getattr(pipeline, "poll_failure", None)
+        self.peer_watch = pipeline.poll_failure if pipeline.size > 1 else None
         self.prompt = prompt
         self.transcript = transcript or Transcript()
         self.n_ctx = int(pipeline.n_ctx)
@@ -103,57 +101,32 @@ class ChatSession:
         self.state = self._new_state()           # raises ContextOverflowError before anything runs
         self.pieces = tokenizer.stream_decoder(strip_leading_space=False)
         self.logits: np.ndarray | None = None
-        self.reading = False
-        self.interrupts = 0
         self.rank_ms: list[float] = []
 
     def _new_state(self) -> ChatState:
         return ChatState(self.loop, self.tok, self.n_ctx, self.prompt)
 
-    # -- Ctrl-C -----------------------------------------------------------------------------------
-
-    def on_sigint(self, signum=None, frame=None) -> None:
-        """SIGINT on rank 0: raise at the prompt, else ask the loop to stop (a third press kills)."""
-        if self.reading:
-            raise KeyboardInterrupt
-        self.interrupts += 1
-        if self.interrupts >= 3:
-            os._exit(EXIT_INTERRUPTED)
-
-    def _check_interrupt(self) -> None:
-        if self.keys is not None:
-            self.interrupts += self.keys.poll()
-        if not self.interrupts:
-            return
-        if self.interrupts >= 2 or not self.state.interactive:
-            raise _Quit(EXIT_INTERRUPTED)
-        self.interrupts = 0
-        self.state.interrupt()
-
     # -- main loop --------------------------------------------------------------------------------
 
     def run(self) -> int:
         """Run until end of input, /quit, Ctrl-C at the prompt or the end of generation; the exit code."""
-        previous = signal.signal(signal.SIGINT, self.on_sigint)
-        if self.keys is not None:
-            self.keys.resume()
-        try:
-            while True:
-                try:
-                    return self._run_state()
-                except _Restart:
-                    self.pipeline.kv_clear()
-                    self.sampler.reset()
-                    self.state = self._new_state()
-                    self.ui.newline_if_needed()
-                    self.ui.info("context cleared on every rank; starting again from the initial prompt")
-        except _Quit as q:
-            self.finish(interrupted=q.code == EXIT_INTERRUPTED)
-            return q.code
-        finally:
-            if self.keys is not None:
-                self.keys.pause()
-            signal.signal(signal.SIGINT, previous)
+        with self.ctrl_c:
+            try:
+                return self._run_restarting()
+            except _Quit as q:
+                self.finish(interrupted=q.code == EXIT_INTERRUPTED)
+                return q.code
+
+    def _run_restarting(self) -> int:
+        while True:
+            try:
+                return self._run_state()
+            except _Restart:
+                self.pipeline.kv_clear()
+                self.sampler.reset()
+                self.state = self._new_state()
+                self.ui.newline_if_needed()
+                self.ui.info("context cleared on every rank; starting again from the initial prompt")
 
     def _run_state(self) -> int:
         gen = self.state.run()
@@ -163,7 +136,11 @@ class ChatSession:
             reply = None
             if isinstance(req, Eval):
                 self._eval(req.tokens, req.sampled)
-                self._check_interrupt()
+                act = self.ctrl_c.check(self.state.interactive)
+                if act == "quit":
+                    raise _Quit(EXIT_INTERRUPTED)
+                if act == "stop":
+                    self.state.interrupt()
             elif isinstance(req, Sample):
                 t0 = time.perf_counter()
                 reply = self.sampler.sample(self.logits)
@@ -214,18 +191,11 @@ class ChatSession:
         if self.reader is None:
             return None
         while True:
-            self.interrupts = 0
-            self.reading = True
-            if self.keys is not None:
-                self.keys.pause(line_reader=getattr(self.reader, "ctrl_c_ends_line", False))
             try:
-                text = self.reader.read_turn(self, instruct)
+                with self.ctrl_c.reading():
+                    text = self.reader.read_turn(self, instruct)
             except KeyboardInterrupt:
                 raise _Quit(EXIT_INTERRUPTED) from None
-            finally:
-                self.reading = False
-                if self.keys is not None:
-                    self.keys.resume()
             self.timings.turn_tokens, self.timings.turn_ms = 0, 0.0
             if text is None:
                 return None
@@ -273,26 +243,25 @@ class ChatSession:
         """Per-rank compute ms/token for the toolbar (one stats round trip, between turns only)."""
         try:
             per = max(self.n_evaluated, 1)
-            self.rank_ms = [float(getattr(s, "compute_ms", 0.0) or 0.0) / per for s in self.pipeline.stats()]
+            self.rank_ms = [s.compute_ms / per for s in self.pipeline.stats()]
         except LlamaMpiError:
             self.rank_ms = []
 
     def _fill_run_facts(self) -> None:
         t = self.transcript
-        plan = getattr(self.pipeline, "plan", None)
+        plan = self.pipeline.plan
         t.run = [("ranks", str(len(self.rank_ms) or "?")), ("seed", str(self.seed)),
                  ("context shifts", str(self.state.c.n_shifts)),
                  ("tokens", f"prompt {self.state.c.n_prompt}, generated {self.state.c.n_generated}")]
         if plan is not None:
             t.run += [(f"rank {r.rank}", f"{r.host}, layers {r.layers.start}-{r.layers.stop - 1}, "
-                                         f"{r.threads} thread(s)") for r in getattr(plan, "ranks", ())]
-            t.run.insert(0, ("launch", str(getattr(plan, "mode", "?"))))
+                                         f"{r.threads} thread(s)") for r in plan.ranks]
+            t.run.insert(0, ("launch", plan.mode))
         t.timings = timings_text(self.timings.as_dict())
 
     def finish(self, interrupted: bool) -> None:
         """Timings on stderr (like llama_print_timings) and the --transcript file."""
-        if self.keys is not None:
-            self.keys.pause()
+        self.ctrl_c.pause()
         self.ui.newline_if_needed()
         self.refresh_rank_ms()
         self.ui.info(timings_text(self.timings.as_dict()))

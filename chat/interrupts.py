@@ -1,0 +1,217 @@
+"""Ctrl-C on rank 0, from start-up to exit: the one owner of keyboard interrupts in chat/.
+
+Owns: reading Ctrl-C as a byte on a terminal (while the model generates, and in spawn mode while the
+cluster starts: MPICH's process manager shares the terminal's process group and would kill every rank on
+a SIGINT), the SIGINT handler of the chat, and what a press means (while generating: the first stops at
+the next token, a second quits; at the prompt: quit; a third while a step runs: exit at once). It never
+talks to the pipeline; the session asks `check()` between steps and reads turns inside `reading()`.
+"""
+from __future__ import annotations
+
+import os
+import select
+import signal
+import sys
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+from .options import ReaderSettings
+from .repl import PlainReader, under_mpiexec
+
+EXIT_INTERRUPTED = 130
+
+
+class CtrlCWatcher:
+    """While the model generates on a terminal: Ctrl-C arrives as a byte, not as SIGINT.
+
+    Why: in spawn mode MPICH's process manager shares the terminal's process group, and a SIGINT from
+    the terminal makes it abort every rank. Turning off ISIG while generating keeps Ctrl-C ours; we
+    poll stdin between tokens. (At the prompt prompt_toolkit has the terminal in raw mode anyway.)
+    """
+
+    def __init__(self, fd: int):
+        import termios
+        self.fd = fd
+        self._saved = termios.tcgetattr(fd)
+        self.active = False
+
+    def resume(self) -> None:
+        """Generation starts: no signals, no echo, no line buffering."""
+        import termios
+        if self.active:
+            return
+        self._saved = termios.tcgetattr(self.fd)
+        attrs = termios.tcgetattr(self.fd)
+        attrs[3] &= ~(termios.ISIG | termios.ICANON | termios.ECHO)
+        attrs[6][termios.VMIN], attrs[6][termios.VTIME] = 0, 0
+        termios.tcsetattr(self.fd, termios.TCSANOW, attrs)
+        self.active = True
+
+    def pause(self, line_reader: bool = False) -> None:
+        """Back to the terminal as it was (before reading a turn, and at exit).
+
+        line_reader: a plain line reader follows; keep signals off but let Ctrl-C end the line (VEOL),
+            so that it still never reaches the process manager.
+        """
+        import termios
+        if not self.active:
+            return
+        attrs = [list(a) if isinstance(a, list) else a for a in self._saved]
+        if line_reader:
+            attrs[3] &= ~termios.ISIG
+            attrs[6][termios.VEOL] = b"\x03"
+        termios.tcsetattr(self.fd, termios.TCSANOW, attrs)
+        self.active = False
+
+    def poll(self) -> int:
+        """Ctrl-C presses typed since the last poll (other keys typed while generating are dropped)."""
+        if not self.active:
+            return 0
+        presses = 0
+        while select.select([self.fd], [], [], 0)[0]:
+            data = os.read(self.fd, 1024)
+            if not data:
+                break
+            presses += data.count(b"\x03")
+        return presses
+
+
+class LoadingCtrlC:
+    """Spawn mode on a terminal, from start-up until the chat's own Ctrl-C handling takes over.
+
+    Why: the process manager MPICH forks for the workers shares our foreground process group, so a
+    Ctrl-C that the terminal turns into SIGINT reaches it too, and it kills every rank at once (the head
+    with SIGKILL, without a word). So the terminal sends no signals (as while generating) and a thread
+    reads Ctrl-C as a byte (other keys typed meanwhile are dropped). A press is held until `arm()` (every
+    rank has joined, so aborting the job reaches them all), then raised in the main thread as
+    KeyboardInterrupt, wherever the start-up is.
+    """
+
+    def __init__(self, fd: int):
+        self.keys = CtrlCWatcher(fd)
+        self.keys.resume()
+        self.pressed = False
+        self._armed = self._sent = False
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._main = threading.main_thread().ident
+        self._thread = threading.Thread(target=self._read, name="ctrl-c-while-loading", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            if select.select([self.keys.fd], [], [], 0.05)[0] and self.keys.poll():
+                with self._lock:
+                    self.pressed = True
+                self._deliver()
+
+    def arm(self) -> None:
+        """From now on a press interrupts the main thread (one held since start-up does so at once)."""
+        with self._lock:
+            self._armed = True
+        self._deliver()
+
+    def _deliver(self) -> None:
+        with self._lock:
+            if self._armed and self.pressed and not self._sent and not self._stop.is_set():
+                self._sent = True
+                signal.pthread_kill(self._main, signal.SIGINT)
+
+    def stop(self) -> None:
+        """The chat takes over (or the process leaves): the thread ends, the terminal is as it was."""
+        with self._lock:                            # no interrupt is delivered after this
+            self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+        self.keys.pause()
+
+
+def make_loading_ctrl_c(settings: ReaderSettings) -> LoadingCtrlC | None:
+    """A LoadingCtrlC in spawn mode with a terminal on stdin, else None (elsewhere SIGINT is ours)."""
+    if under_mpiexec() or not settings.spawn or not sys.stdin.isatty():
+        return None
+    try:
+        return LoadingCtrlC(sys.stdin.fileno())
+    except (OSError, ValueError, ImportError):
+        return None
+
+
+def make_chat_ctrl_c(reader=None) -> ChatCtrlC:
+    """The chat's Ctrl-C; with a terminal watcher when rank 0 reads a real terminal outside mpiexec (under
+    mpiexec, hydra owns Ctrl-C and forwards it as SIGINT)."""
+    if under_mpiexec() or not sys.stdin.isatty():
+        return ChatCtrlC(None)
+    try:
+        watcher = CtrlCWatcher(sys.stdin.fileno())
+    except (OSError, ValueError, ImportError):
+        return ChatCtrlC(None)
+    line_reader = isinstance(reader, PlainReader)
+    if line_reader:
+        reader.ctrl_c_ends_line = True
+    return ChatCtrlC(watcher, line_reader)
+
+
+class ChatCtrlC:
+    """The chat's Ctrl-C: presses counted from SIGINT (no terminal of ours, e.g. under mpiexec) and from
+    the terminal watcher (`keys`, a CtrlCWatcher, or None).
+
+    Use `with ctrl_c:` around the chat (installs the handler, terminal in generation mode), `check()`
+    after each step, `with ctrl_c.reading():` around reading a turn, `pause()` before the last output.
+    """
+
+    def __init__(self, keys: CtrlCWatcher | None, line_reader: bool = False):
+        self.keys = keys
+        self.line_reader = line_reader           # a plain line reader: Ctrl-C ends its line (VEOL)
+        self.presses = 0
+        self.at_prompt = False
+        self._previous = None
+
+    def __enter__(self) -> ChatCtrlC:
+        self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        if self.keys is not None:
+            self.keys.resume()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pause()
+        signal.signal(signal.SIGINT, self._previous)
+
+    def _on_sigint(self, signum=None, frame=None) -> None:
+        """At the prompt: raise (the reader ends the chat); else count, and a third press exits at once."""
+        if self.at_prompt:
+            raise KeyboardInterrupt
+        self.presses += 1
+        if self.presses >= 3:
+            os._exit(EXIT_INTERRUPTED)
+
+    def check(self, interactive: bool) -> str | None:
+        """Between steps: None (no press), "stop" (give the prompt back) or "quit" (a second press, or
+        any press when nobody can be given the prompt)."""
+        if self.keys is not None:
+            self.presses += self.keys.poll()
+        if not self.presses:
+            return None
+        if self.presses >= 2 or not interactive:
+            return "quit"
+        self.presses = 0
+        return "stop"
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Reading a turn: the terminal as the user left it; a press raises KeyboardInterrupt."""
+        self.presses = 0
+        self.at_prompt = True
+        if self.keys is not None:
+            self.keys.pause(line_reader=self.line_reader)
+        try:
+            yield
+        finally:
+            self.at_prompt = False
+            if self.keys is not None:
+                self.keys.resume()
+
+    def pause(self) -> None:
+        """The terminal back as it was (before timings and errors are printed, and at exit)."""
+        if self.keys is not None:
+            self.keys.pause()
