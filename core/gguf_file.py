@@ -1,16 +1,10 @@
 """Read a GGUF file's header: magic and version, metadata key/values, the tensor-info table, the data offset.
 
-Owns the GGUF layout (little-endian, versions 2 and 3) and the only parser of it in the project. Every read
-is bounds-checked, so a truncated or corrupt file is one ModelFileError line naming the file, never a
-traceback. Metadata values come out as:
-  scalar -> int | float | bool;  string -> bytes (the key's meaning decides the decoding);
-  array of numbers -> one 1-D numpy array (bool arrays as bool);  array of strings -> list[bytes] from
-  read_metadata, a StringArray from open_gguf (offsets only: a Llama 3 vocab plus its merges is 400k
-  strings that a model's ranks never read);  array of arrays -> list of the above.
-`contents()` turns any of them into what gguf's ReaderField.contents() gives.
-Tensor data is a zero-copy view into one read-only np.memmap of the file.
-Must not interpret metadata (core/config.py, core/tokenizer/vocab.py do) nor decide whether the tensors make
-a model (core/loader.py does); must not read tensor data.
+Owns the GGUF layout (little-endian, versions 2 and 3), the project's only parser of it. Every read is
+bounds-checked: a truncated or corrupt file is one ModelFileError line naming the file, never a traceback.
+Tensor data is zero-copy views of one read-only np.memmap; metadata values take the forms in _Cursor.value.
+Must not interpret metadata (core/config.py, core/tokenizer/vocab.py do), decide whether the tensors make
+a model (core/loader.py does), or read tensor data.
 """
 from __future__ import annotations
 
@@ -87,7 +81,7 @@ class _Cursor:
     """A read position over the file's bytes; reading past `end` raises _Truncated.
 
     `buf` slices must be bytes (an mmap or bytes) unless `lazy`; a lazy cursor keeps string arrays as
-    StringArray (a walk of ~0.25 us per string), an eager one makes list[bytes] (about twice as long).
+    StringArray, an eager one makes list[bytes] (costs: core/quants/NOTES.md, "gguf_file.py").
     """
 
     def __init__(self, buf: Any, end: int, lazy: bool):
@@ -110,7 +104,14 @@ class _Cursor:
         return self.take(self.read(_U64))
 
     def value(self, vtype: int, key: str, depth: int = 0) -> Any:
-        """One metadata value of type `vtype` (see the module docstring for the Python forms)."""
+        """One metadata value of type `vtype`, as:
+
+          scalar -> int | float | bool;  string -> bytes (the key's meaning decides the decoding);
+          array of numbers -> one 1-D numpy array (bool arrays as bool);  array of strings -> list[bytes]
+          from read_metadata, a StringArray from open_gguf (offsets only: a Llama 3 vocab plus its merges
+          is 400k strings that a model's ranks never read);  array of arrays -> list of the above.
+        `contents()` turns any of them into what gguf's ReaderField.contents() gives.
+        """
         if vtype in _SCALARS:
             return self.read(_SCALARS[vtype])
         if vtype == VT.STRING:

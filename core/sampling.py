@@ -3,11 +3,7 @@
 Owns `SamplingParams` (validated, llama.cpp defaults), the pure `apply_*` filters over candidate
 (ids, logits) arrays, mirostat v1/v2 and the stateful `Sampler` (repetition history, mirostat mu, RNG).
 It never prints, never reads model files and never touches MPI; rank 0 alone samples.
-
-Order, as llama.cpp ran it: logit bias -> repetition/frequency/presence penalties over the last
-`repeat_last_n` tokens -> (temp <= 0: greedy) | mirostat 1/2 (temperature first) |
-top-k -> tail-free -> typical -> top-p -> min-p -> temperature -> draw.
-Deliberate differences from llama.cpp are listed in `Sampler`'s docstring.
+The chain's order is in `Sampler.sample`; deliberate differences from llama.cpp in `Sampler`.
 """
 from __future__ import annotations
 
@@ -390,7 +386,12 @@ class Sampler:
         return out
 
     def sample(self, logits: np.ndarray) -> int:
-        """Pick the next token from (n_vocab,) logits; does not accept it (call accept())."""
+        """Pick the next token from (n_vocab,) logits; does not accept it (call accept()).
+
+        Order, as llama.cpp ran it: logit bias -> repetition/frequency/presence penalties over the last
+        `repeat_last_n` tokens -> (temp <= 0: greedy) | mirostat 1/2 (temperature first) |
+        top-k -> tail-free -> typical -> top-p -> min-p -> temperature -> draw.
+        """
         p = self.params
         cur = self.penalised_logits(logits)                               # (n_vocab,)
         if p.temp <= 0.0:

@@ -1,11 +1,9 @@
 """Quantized weight matrices: GGML block formats, repacked at load time for numpy kernels.
 
-Public API (the contract the rest of core/ codes against):
-  make_qtensor(qtype, data, shape) -> QTensor   (data: a GGUFReader tensor's .data; shape: (n_out, n_in))
-  QTensor.matmul(x (T, n_in), pool=None) -> (T, n_out) (pool: a TilePool(threads));  QTensor.get_rows(ids);  .nbytes .qtype .shape
-  dequantize(data, qtype) -> float32 (bit-exact with gguf.quants.dequantize);  SUPPORTED_TYPES
+Owns the public API the rest of core/ codes against: make_qtensor, dequantize (bit-exact with
+gguf.quants.dequantize), QTensor (matmul, get_rows, nbytes, qtype, shape), TilePool, SUPPORTED_TYPES.
 Modules: layout.py (repacked layout, bit helpers), legacy.py (32-weight blocks), kquants.py (K-quants,
-IQ4_XS), floats.py (F32/F16/BF16), qtensor.py (tiles, products, threads).
+IQ4_XS), floats.py (F32/F16/BF16), qtensor.py (tiles, products, threads); measurements: NOTES.md.
 """
 from __future__ import annotations
 

@@ -4,10 +4,6 @@ Owns: each format's byte layout (documented beside it), its load-time repacking 
 of layout.py (6-bit / 4-bit sub-block scales unpacked to one byte each, f16 fields to float32), and the
 unpacking of a tile's codes, scales and mins.
 Must not: do any matrix arithmetic (qtensor.py does), or keep a reference to the memory-mapped file.
-
-A super-block holds 256 weights in sub-blocks of 16 or 32 weights, each with its own small integer scale
-(and min) multiplied by the super-block's f16 `d` (and `dmin`). The effective scale S = d * sc is formed
-per tile in float32 exactly as gguf-py does, so dequantization stays bit-exact.
 """
 from __future__ import annotations
 
@@ -16,6 +12,10 @@ from gguf import GGMLQuantizationType as QT
 
 from .layout import U64, BlockFormat, as_u64, f16_field, or_bit, split_nibbles, split_nibbles16
 from .legacy import PairedMixin, iq4_codes, pair_rows
+
+# A super-block holds 256 weights in sub-blocks of 16 or 32 weights, each with its own small integer scale
+# (and min) multiplied by the super-block's f16 `d` (and `dmin`). The effective scale S = d * sc is formed
+# per tile in float32 exactly as gguf-py does (_d_times), so dequantization stays bit-exact.
 
 
 def _scale_min_k4(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -3,24 +3,6 @@
 Owns: the `BlockFormat` interface every block type implements, the registry of formats, the row padding
 and block-transposition done at load time, and the uint64 bit tricks used to unpack codes.
 Must not: know about tiles, threads or matmul (that is qtensor.py), or hold any model state.
-
-The weight model every format maps onto (per sub-block s of `sub` consecutive input columns, row r):
-
-    w[r, s*sub + k] = S[s, r] * (c[s, k, r] + offset) + M[s, r]
-
-c are small integer codes (unpacked from bits), S the sub-block scale, M an additive term (the "min" of
-Q4_1 / Q5_1 / K-quants, negated), offset a per-format constant (-8 for Q4_0). Computing it in exactly
-this order reproduces gguf.quants.dequantize bit for bit (the reference forms d*(q-8), d*q+m, dl*q-ml).
-
-Repacked arrays put the ROW index last (rows padded to a multiple of 8): the bytes of a row tile
-(R, nb, size) are stored as (nb, bytes, R) (qtensor.py keeps one such contiguous set per row tile). A
-column tile (units u0..u1) is then one contiguous slice, numpy's loops run long, uint64 views unpack 8
-rows at a time, and the expanded tile (k, R) is directly the right-hand side of x @ tile.
-
-Codes need not come out in column order: a format may unpack all low nibbles of a tile, then all high
-ones (contiguous writes are ~2x faster than interleaved ones), and may leave a field in place (a high
-nibble read as 16 * code). order() and xfactor() describe that; x is permuted and scaled to match once
-per call. Runs of `run` consecutive tile positions share one scale (run_shape / run_scales).
 """
 from __future__ import annotations
 
@@ -34,7 +16,21 @@ NIB = U64(0x0F0F0F0F0F0F0F0F)        # low nibble of every byte of a uint64
 
 
 class BlockFormat:
-    """One GGML block type: how to repack its blocks and unpack codes, scales and mins from a tile."""
+    """One GGML block type: how to repack its blocks and unpack codes, scales and mins from a tile.
+
+    The weight model every format maps onto (per sub-block s of `sub` consecutive input columns, row r):
+
+        w[r, s*sub + k] = S[s, r] * (c[s, k, r] + offset) + M[s, r]
+
+    c are small integer codes (unpacked from bits), S the sub-block scale, M an additive term (the "min" of
+    Q4_1 / Q5_1 / K-quants, negated), offset a per-format constant (-8 for Q4_0). Computing it in exactly
+    this order reproduces gguf.quants.dequantize bit for bit (the reference forms d*(q-8), d*q+m, dl*q-ml).
+
+    Codes need not come out in column order: a format may unpack all low nibbles of a tile, then all high
+    ones (why: core/quants/NOTES.md, "layout.py"), and may leave a field in place (a high nibble read as
+    16 * code). order() and xfactor() describe that; x is permuted and scaled to match once per call.
+    Runs of `run` consecutive tile positions share one scale (run_shape / run_scales).
+    """
 
     qtype: QT
     block: int          # elements per block (32, or 256 for K-quants / IQ4_XS)
@@ -110,7 +106,13 @@ def f16_field(kb: np.ndarray, at: int) -> np.ndarray:
 
 
 def kmajor(blocks: np.ndarray) -> np.ndarray:
-    """(n_out, nb, size) uint8 block rows -> (nb, size, N8) with rows last, zero-padded to 8 rows."""
+    """(n_out, nb, size) uint8 block rows -> (nb, size, N8) with rows last, zero-padded to 8 rows.
+
+    Repacked arrays put the ROW index last (rows padded to a multiple of 8): the bytes of a row tile
+    (R, nb, size) are stored as (nb, bytes, R) (qtensor.py keeps one such contiguous set per row tile). A
+    column tile (units u0..u1) is then one contiguous slice, numpy's loops run long, uint64 views unpack 8
+    rows at a time, and the expanded tile (k, R) is directly the right-hand side of x @ tile.
+    """
     n_out, nb, size = blocks.shape
     n8 = -(-n_out // 8) * 8
     out = np.zeros((nb, size, n8), dtype=np.uint8)

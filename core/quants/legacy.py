@@ -3,8 +3,6 @@
 Owns: each format's byte layout (documented beside it), its load-time repacking into the k-major layout
 of layout.py, and the unpacking of a tile's codes, scales and mins.
 Must not: do any matrix arithmetic (qtensor.py does), or keep a reference to the memory-mapped file.
-
-Every block starts with an f16 scale `d`, stored repacked as float32 (an f16->f32 cast per call is slow).
 """
 from __future__ import annotations
 
@@ -13,6 +11,8 @@ from gguf import GGMLQuantizationType as QT
 
 from .floats import f16_fast
 from .layout import NIB, BlockFormat, as_u64, f16_field, or_bit, split_nibbles, split_nibbles16
+
+# Every block starts with an f16 scale `d`, stored repacked as float32 (an f16->f32 cast per call is slow).
 
 # IQ4_NL's non-linear code book (ggml's kvalues_iq4nl), also used by IQ4_XS
 IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],

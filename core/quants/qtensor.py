@@ -1,30 +1,9 @@
 """QTensor: a weight matrix kept repacked in its GGML type, multiplied tile by tile.
 
-Owns: load-time repacking (via the formats of legacy.py / kquants.py), y = x @ W.T for one token
-(matvec) and for batches, embedding-row lookup, exact dequantization from the repacked arrays, and the
-split of row tiles over an optional thread pool.
-Must not: materialise the whole matrix in float32 (only one tile of at most TILE_ELEMS floats per thread
-exists at a time), keep a reference to the memory-mapped file after repacking a block type, or raise
-anything but core.errors at its boundary (bad type / bad byte count).
-
-Kernel (per tile of R rows x K input columns, rows last so numpy runs long contiguous loops; x is
-permuted/scaled once per call to the formats' tile order, see layout.py):
-  codes -> float32 tile F (K, R) [integer codes, unscaled]        # the unavoidable widening pass
-  T <= SMALL_T: partial dot products per run of positions sharing a scale, one batched BLAS call:
-      P (n_runs, T, R) = x_runs (n_runs, T, run) @ F (n_runs, run, R); y = sum_runs S * P (one einsum)
-  T >  SMALL_T: scale the tile in place (F *= S), one sgemm: y += x[:, K] @ F
-  and in both: y += offset * (xs @ S) + xs @ M, xs = per-sub-block sums of x (offset and mins).
-A format may expand something cheaper than its codes for products (dot_codes, with x mixed to match:
-Q4_0 casts its raw bytes). Scales, mins and partial sums go to per-thread scratch buffers (fresh
-multi-MiB temporaries cost page faults on every call); a QTensor's tiles share one buffer and big
-scratch buffers are >= 4 MiB, so both get transparent huge pages.
-Measured on the 2-core AVX2 machine (one thread, CPU time): the widening cast costs ~0.12-0.2 ns per
-weight, the batched gemv ~0.08-0.13, unpacking bits 0.05-0.3, reading the weights from DRAM the rest;
-the per-call overhead of numpy (~1-5 us) makes 2 MiB tiles faster than 0.25-1 MiB or 4-8 MiB ones.
-Tried without gain: one run per Q4_0 block (natural order), multiply + add.reduce instead of the
-einsum, a fused cast-and-scale ufunc call for T > SMALL_T, row sub-tiles for T > SMALL_T, np.take
-over a pair table for Q4_0. Not used: u8 -> u32 codes read by BLAS as denormals (x scaled by 2**100)
-would save ~0.025 ns/weight here, but denormal inputs are very slow on CPUs without fast denormals.
+Owns: load-time repacking (formats of legacy.py / kquants.py), y = x @ W.T for one token and for batches,
+embedding-row lookup, exact dequantization, and the split of row tiles over an optional thread pool.
+Must not: materialise the whole matrix in float32 (at most one TILE_ELEMS tile per thread), keep the
+memory-mapped file after repacking a block type, or raise anything but core.errors at its boundary.
 """
 from __future__ import annotations
 
@@ -51,7 +30,11 @@ _local = threading.local()
 
 
 def _scratch(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
-    """A per-thread reusable buffer (tiles are expanded into it; no allocation per tile)."""
+    """A per-thread reusable buffer (tiles are expanded into it; no allocation per tile).
+
+    Scales, mins and partial sums go here too (fresh multi-MiB temporaries cost page faults on every
+    call); buffers of >= 4 MiB get transparent huge pages.
+    """
     bufs = _local.__dict__.setdefault("bufs", {})
     n = math.prod(shape)
     buf = bufs.get(name)
@@ -66,8 +49,8 @@ def _scratch(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
 
 class TilePool(ThreadPoolExecutor):
     """The threads of one stage: a product's row tiles are dealt into `threads` shares, the calling thread
-    runs the first share itself and the pool the others (waking every worker and waiting idle cost
-    10-25% of a 2-thread matvec here). Also a plain executor for load-time repacking."""
+    runs the first share itself and the pool the others (why: core/quants/NOTES.md, "qtensor.py").
+    Also a plain executor for load-time repacking."""
 
     def __init__(self, threads: int):
         super().__init__(max_workers=threads)
@@ -117,8 +100,8 @@ def repack_blocks(fmt: BlockFormat, data: np.ndarray, n_out: int, n_in: int) -> 
 
 def pack_tiles(fmt: BlockFormat, rows: np.ndarray, n_in: int, rt: int) -> list[dict[str, np.ndarray]]:
     """Repack (n_out, row_bytes) block rows tile by tile (rt rows each) into views of ONE buffer: numpy
-    backs buffers of >= 4 MiB with transparent huge pages, which streams the weights ~5-10% faster
-    (fewer TLB misses) than separately allocated tiles. Only one tile exists twice at a time."""
+    backs buffers of >= 4 MiB with transparent huge pages (gain: core/quants/NOTES.md, "qtensor.py").
+    Only one tile exists twice at a time."""
     n_out = rows.shape[0]
     spans = [(a, min(a + rt, n_out)) for a in range(0, n_out, rt)]
     first = repack_blocks(fmt, rows[:spans[0][1]], spans[0][1], n_in)
@@ -245,7 +228,19 @@ class QTensor:
         return xt, xs, xv
 
     def _quant_rows(self, ctx: tuple, out: np.ndarray, i: int, a: int) -> None:
-        """out[:, a:a+R] for row tile i (rows a.., R of them padded to 8) of a block-quantized matrix."""
+        """out[:, a:a+R] for row tile i (rows a.., R of them padded to 8) of a block-quantized matrix.
+
+        Kernel (per tile of R rows x K input columns, rows last so numpy runs long contiguous loops; x is
+        permuted/scaled once per call to the formats' tile order, see layout.py):
+          codes -> float32 tile F (K, R) [integer codes, unscaled]        # the unavoidable widening pass
+          T <= SMALL_T: partial dot products per run of positions sharing a scale, one batched BLAS call:
+              P (n_runs, T, R) = x_runs (n_runs, T, run) @ F (n_runs, run, R); y = sum_runs S * P (one einsum)
+          T >  SMALL_T: scale the tile in place (F *= S), one sgemm: y += x[:, K] @ F
+          and in both: y += offset * (xs @ S) + xs @ M, xs = per-sub-block sums of x (offset and mins).
+        A format may expand something cheaper than its codes for products (dot_codes, with x mixed to match:
+        Q4_0 casts its raw bytes). Scales, mins and partial sums go to per-thread scratch buffers (_scratch).
+        Costs and what was tried: core/quants/NOTES.md, "qtensor.py".
+        """
         xt, xs, xv = ctx
         fmt, p, run = self._fmt, self._tiles[i], self._run
         T, n_in = xt.shape
