@@ -2,7 +2,7 @@
 
 Why: the head checks that ranks on ITS host are alive by their pid, and MPI does not report a dead peer;
 a rank on another host that is killed would leave the head waiting for it forever. Each worker runs under
-a supervisor process (chat/launch.py) that outlives it; the supervisor connects to the head's notice
+a supervisor process (core/supervisor.py) that outlives it; the supervisor connects to the head's notice
 board and sends one line, and the head raises the usual failure naming the rank (core/transport.py).
 
 Owns: the head's listening socket (NoticeBoard, polled without blocking) and the wire form of a notice:

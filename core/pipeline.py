@@ -12,7 +12,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import numpy as np
 
@@ -23,6 +23,9 @@ from .kv_cache import check_shift, check_truncate
 from .model import Stage, check_token_ids
 from .partition import format_layers
 from .transport import Aborted, PeerFailed
+
+if TYPE_CHECKING:
+    from .cluster import Plan
 
 MIN_UBATCH = 16             # auto micro-batching never cuts a prompt into pieces smaller than this
 ABORT_GRACE_S = 2.0         # how long the head waits for its Abort frames to leave
@@ -61,8 +64,13 @@ def rss_bytes() -> int:
 
 
 class Pipeline(Protocol):
+    """The head's view of the model, whole or split across ranks."""
     config: ModelConfig
+    plan: Plan | None          # how the layers were laid out over the ranks (core/cluster.py); None
+                               # for a pipeline built by hand (tests, tools)
 
+    @property
+    def size(self) -> int: ...                 # ranks (1: no peer to watch)
     @property
     def n_ctx(self) -> int: ...
     @property
@@ -72,6 +80,7 @@ class Pipeline(Protocol):
     def kv_truncate(self, n: int) -> None: ...
     def kv_shift(self, n_keep: int, n_discard: int) -> None: ...
     def stats(self) -> list[RankStats]: ...
+    def poll_failure(self) -> None: ...        # between steps: raise the PipelineError of a lost rank
     def close(self) -> None: ...
 
 
@@ -147,8 +156,10 @@ class _HeadStage:
 class LocalPipeline(_HeadStage):
     """The whole model in this process: one full stage, no MPI."""
 
-    def __init__(self, stage: Stage, host: str = ""):
-        self.stage, self.config = stage, stage.config
+    size = 1
+
+    def __init__(self, stage: Stage, plan: Plan | None = None, host: str = ""):
+        self.stage, self.config, self.plan = stage, stage.config, plan
         self._host = host or os.uname().nodename
         self._meter = _Meter()
 
@@ -172,6 +183,9 @@ class LocalPipeline(_HeadStage):
     def stats(self) -> list[RankStats]:
         return [self._meter.snapshot(0, self._host, self.stage, 0.0)]
 
+    def poll_failure(self) -> None:
+        """Nothing to watch: there is no other rank."""
+
     def close(self) -> None:
         self.stage.close()
 
@@ -179,24 +193,23 @@ class LocalPipeline(_HeadStage):
 # ---- one step of the pipeline, as seen by any rank ---------------------------------------------
 
 def run_step(transport: Any, stage: Stage, msg: Eval, meter: _Meter, buf: np.ndarray,
-             tokens: np.ndarray | None = None, fault: str | None = None) -> np.ndarray | None:
+             tokens: np.ndarray | None = None) -> np.ndarray | None:
     """Rank k's part of one evaluation: take each micro-batch (embed on the head, receive from k-1
     elsewhere), run the stage's layers, pass it on (to k+1, or back to the head from the last rank).
 
     Returns, on the head, the hidden rows the output head needs: (T, n_embd) when `msg.all_rows`, else
     (1, n_embd); None on workers. Every send is waited before returning, so buffers can be reused.
-    `fault` (tests only): raise RuntimeError(fault) after the second micro-batch (or the only one).
     """
     posted: list[Any] = []                                           # receives to cancel on failure
     try:
-        return _step(transport, stage, msg, meter, buf, tokens, posted, fault)
+        return _step(transport, stage, msg, meter, buf, tokens, posted)
     except BaseException:
         transport.cancel(posted)
         raise
 
 
 def _step(transport: Any, stage: Stage, msg: Eval, meter: _Meter, buf: np.ndarray,
-          tokens: np.ndarray | None, posted: list[Any], fault: str | None) -> np.ndarray | None:
+          tokens: np.ndarray | None, posted: list[Any]) -> np.ndarray | None:
     rank, size = transport.rank, transport.size
     last = size - 1
     mbs = msg.micro_batches()                                         # [(row, n), ...]
@@ -221,8 +234,6 @@ def _step(transport: Any, stage: Stage, msg: Eval, meter: _Meter, buf: np.ndarra
             t0 = time.perf_counter()
             h = stage.forward(buf[i0:i0 + n], msg.pos + i0)           # (n, n_embd)
         meter.compute_s += time.perf_counter() - t0
-        if fault is not None and j == min(1, len(mbs) - 1):
-            raise RuntimeError(fault)
         if size == 1:
             keep.append(h)
             continue
@@ -257,15 +268,14 @@ class MpiPipeline(_HeadStage):
         transport: a core.transport.Transport whose peers table is filled (rank 0 = this process).
         stage: the head's stage (embed=True, head=True, the first layer slice).
         layers: every rank's layer range, in rank order (for error messages and stats).
+        plan: what every rank agreed on at start-up (core/cluster.py), or None.
         ubatch: micro-batch size for prefill (0 = never pipeline, None = automatic).
-        fault_after: (tests only) the head fails in the middle of its that many-th evaluation.
     """
 
-    def __init__(self, transport: Any, stage: Stage, layers: list[range], ubatch: int | None = None,
-                 fault_after: int | None = None):
+    def __init__(self, transport: Any, stage: Stage, layers: list[range], plan: Plan | None = None,
+                 ubatch: int | None = None):
         self.t, self.stage, self.config = transport, stage, stage.config
-        self.layers, self.ubatch = layers, ubatch
-        self._fault_after, self._evals = fault_after, 0
+        self.layers, self.plan, self.ubatch = layers, plan, ubatch
         self._seq = 0
         self._meter = _Meter()
         self._no_buf = np.empty((0, self.config.n_embd), dtype=np.float32)   # the head receives no input
@@ -326,16 +336,6 @@ class MpiPipeline(_HeadStage):
         self.t.close()
         self.stage.close()
 
-    def abort(self, rank: int = -1) -> None:
-        """Stop the cluster without the clean handshake (signals, unexpected errors on the head):
-        workers are told to stop, then the job is aborted (status 1)."""
-        self._broken = self._broken or "aborted"
-        self.close()
-
-    @property
-    def failed(self) -> bool:
-        return self._broken is not None
-
     # ---- internals -------------------------------------------------------------------------------
     def _usable(self) -> None:
         if self._broken is not None:
@@ -359,9 +359,6 @@ class MpiPipeline(_HeadStage):
     def _eval(self, msg: Eval, ids: np.ndarray) -> np.ndarray:
         self.t.poll_failure()                                         # a worker that died while we idled
         self._send(msg)
-        self._evals += 1
-        if self._fault_after is not None and self._evals >= self._fault_after:
-            raise RuntimeError(f"injected fault at evaluation {self._evals}")   # workers are mid-step
         h = run_step(self.t, self.stage, msg, self._meter, self._no_buf, ids)   # (rows, n_embd)
         t0 = time.perf_counter()
         logits = self.stage.logits(h)                                 # (rows, n_vocab)
@@ -400,15 +397,14 @@ class MpiPipeline(_HeadStage):
 
 # ---- the worker side ---------------------------------------------------------------------------
 
-def serve_worker(transport: Any, stage: Stage, fault_after: int | None = None) -> int:
+def serve_worker(transport: Any, stage: Stage) -> int:
     """A worker's life after setup: apply the head's control messages in order until Shutdown.
 
     Returns the exit status: 0 after Shutdown, 1 after an Abort or a failure of this rank (which is
-    reported to the head in one line first). `fault_after` (tests only) raises an error in the
-    middle of that many-th evaluation.
+    reported to the head in one line first).
     """
     meter, buf = _Meter(), np.empty((stage.n_ctx, stage.config.n_embd), dtype=np.float32)
-    expected, evals = 1, 0
+    expected = 1
     try:
         while True:
             msg, seq = transport.recv_ctrl()
@@ -416,12 +412,9 @@ def serve_worker(transport: Any, stage: Stage, fault_after: int | None = None) -
                 raise RuntimeError(f"control message {seq} arrived when {expected} was due")
             expected += 1
             if isinstance(msg, Eval):
-                evals += 1
                 if msg.pos != stage.n_past:
                     raise RuntimeError(f"evaluation at position {msg.pos} but this rank holds {stage.n_past}")
-                fault = (f"injected fault at evaluation {evals}"
-                         if fault_after is not None and evals >= fault_after else None)
-                run_step(transport, stage, msg, meter, buf, fault=fault)
+                run_step(transport, stage, msg, meter, buf)
             elif isinstance(msg, Stats):
                 transport.send_obj(meter.snapshot(transport.rank, transport.host, stage, transport.wait_s), 0)
             elif isinstance(msg, Shutdown):

@@ -55,10 +55,39 @@ def mpi():
     return _MPI
 
 
-def under_mpi_launcher() -> bool:
-    """True when a process manager (mpiexec/hydra, Open MPI, PMIx) started this process as a rank."""
-    keys = ("PMI_RANK", "PMI_SIZE", "PMI_FD", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
-    return any(k in os.environ for k in keys)
+@dataclass(frozen=True)
+class Launcher:
+    """The MPI process manager that started this process, and the rank it gave it (read from the
+    environment, so it is known before MPI starts). A worker spawned by a singleton head (spawn mode) is
+    numbered among the spawned workers only: its rank once merged with the head is one more."""
+    name: str | None           # "mpich" (hydra's PMI), "openmpi" or "pmix"; None: no launcher (one
+                               # process, or the head of spawn mode)
+    rank: int | None           # None without a launcher
+
+    @property
+    def started(self) -> bool:
+        """This process is a rank of a job that a launcher (mpiexec) started."""
+        return self.name is not None
+
+    @property
+    def is_worker(self) -> bool:
+        """The launcher numbered this process other than 0."""
+        return self.rank is not None and self.rank != 0
+
+
+_LAUNCHER_KEYS = (("mpich", ("PMI_RANK", "PMI_SIZE", "PMI_FD", "MPI_LOCALNRANKS")),
+                  ("openmpi", ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE")),
+                  ("pmix", ("PMIX_RANK",)))
+_RANK_KEYS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
+
+
+def launcher() -> Launcher:
+    """Which launcher started this process, and its rank: the one place that reads the launchers'
+    environment variables (hydra sets PMI_*, Open MPI OMPI_COMM_WORLD_*, PMIx PMIX_RANK)."""
+    env = os.environ
+    name = next((name for name, keys in _LAUNCHER_KEYS if any(k in env for k in keys)), None)
+    rank = next((int(env[k]) for k in _RANK_KEYS if env.get(k, "").isdigit()), None)
+    return Launcher(name, rank)
 
 
 class PeerFailed(Exception):

@@ -3,10 +3,13 @@ tests under mpiexec, in spawn mode or in one process. Saves tokens and logits on
 
 usage: python tests/mpi_driver.py OUT.npz PROMPT_IDS N_GEN [--all-logits] [--keep K] [--idle S] [--replay] -- <options>
 PROMPT_IDS is "1,2,3". When the context is full it shifts like llama.cpp main: keep K tokens after
-position 0, discard half of the rest.
+position 0, discard half of the rest. <options> are the few llama-mpi options the tests give (see
+cluster_args); the cluster starts through core.cluster, never through chat/.
 """
 from __future__ import annotations
 
+import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -15,9 +18,27 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from chat.launch import start_cluster          # noqa: E402
-from chat.options import parse_options          # noqa: E402
+from core.cluster import ClusterSettings, env_ubatch, launch_mode, start   # noqa: E402
 from core.errors import LlamaMpiError           # noqa: E402
+from core.partition import parse_split          # noqa: E402
+
+
+def cluster_args(argv: list[str]) -> tuple[ClusterSettings, str, int]:
+    """llama-mpi's -m, -c (default 512), -t, --np and --mpi-layer-split, after an options file given
+    first (as on a node): this process's settings, the launch mode and the rank count of spawn mode."""
+    if argv and not argv[0].startswith("-"):
+        argv = shlex.split(Path(argv[0]).read_text(), comments=True) + argv[1:]
+    p = argparse.ArgumentParser(prog="mpi_driver.py")
+    p.add_argument("-m", "--model", required=True)
+    p.add_argument("-c", "--ctx-size", dest="n_ctx", type=int, default=512)
+    p.add_argument("-t", "--threads", type=int)
+    p.add_argument("--np", type=int)
+    p.add_argument("--mpi-layer-split", type=parse_split)
+    a = p.parse_args(argv)
+    split = None if a.mpi_layer_split is None else tuple(a.mpi_layer_split)
+    settings = ClusterSettings(model=a.model, n_ctx=a.n_ctx, threads=a.threads or 1, local_threads=a.threads,
+                               layer_split=split, ubatch=env_ubatch())
+    return settings, launch_mode(a.np), a.np or 1
 from core.generate import Evaluated, GenerateSettings, Shifted, Token, greedy_sampler  # noqa: E402
 from core.generate import generate as stream                    # noqa: E402
 
@@ -56,8 +77,8 @@ def main() -> int:
     n_keep = int(mine[mine.index("--keep") + 1]) if "--keep" in mine else 0
     idle = float(mine[mine.index("--idle") + 1]) if "--idle" in mine else 0.0
     try:
-        opts = parse_options(rest)
-        pipe = start_cluster(opts)
+        settings, mode, n_ranks = cluster_args(rest)
+        pipe = start(settings, mode, n_ranks)
     except LlamaMpiError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1

@@ -1,7 +1,7 @@
 """A worker that dies while the head waits for the user's input: the head notices without any input.
 
 Without a typed line nothing would reach the pipeline, and the only voice left would be the dead rank's
-supervisor (after chat/launch.py's SUPERVISE_GRACE_S, in its own words, without the layers). What must
+supervisor (after core/supervisor.py's SUPERVISE_GRACE_S, in its own words, without the layers). What must
 happen instead (issue 4): the head prints its one line naming rank, host and layers within about a
 second, every process of the job is gone within 10 s, and the status is not 0. Both input modes: the
 prompt_toolkit prompt on a terminal (spawn mode) and plain lines from a pipe nobody writes (mpiexec).
@@ -29,7 +29,8 @@ from test_cli_support import (REPO, assert_no_rank_left, chat_cmd, mpiexec_or_sk
 from test_pty import finish, spawn, wait_for_prompt  # noqa: E402
 from mpi_helpers import environ  # noqa: E402
 
-from chat.launch import SUPERVISE_GRACE_S  # noqa: E402
+from core.supervisor import SUPERVISE_GRACE_S  # noqa: E402
+
 from chat.render import Renderer  # noqa: E402
 from chat.repl import WATCH_EVERY_S, PlainReader, TerminalReader  # noqa: E402
 

@@ -1,4 +1,5 @@
-"""chat/launch.py pieces that need no cluster: mode choice, hostfile checks, the plan's byte counts."""
+"""Start-up pieces that need no cluster (chat/launch.py, core/cluster.py): mode choice, hostfile checks, the
+plan's byte counts, the fault hook, node-local threads."""
 from __future__ import annotations
 
 import socket
@@ -7,6 +8,7 @@ import pytest
 
 from chat import launch
 from chat.options import parse_options
+from core import cluster, faults
 from core.errors import UsageError
 from core.loader import open_model
 from mpi_helpers import model
@@ -21,13 +23,13 @@ def no_launcher(monkeypatch):
 
 
 def test_launch_mode(no_launcher, monkeypatch):
-    assert launch.launch_mode(parse_options(["-m", "x.gguf"])) == "single"
-    assert launch.launch_mode(parse_options(["-m", "x.gguf", "--np", "1"])) == "single"
-    assert launch.launch_mode(parse_options(["-m", "x.gguf", "--np", "3"])) == "spawn"
+    assert cluster.launch_mode(parse_options(["-m", "x.gguf"]).np) == "single"
+    assert cluster.launch_mode(parse_options(["-m", "x.gguf", "--np", "1"]).np) == "single"
+    assert cluster.launch_mode(parse_options(["-m", "x.gguf", "--np", "3"]).np) == "spawn"
     monkeypatch.setenv("PMI_RANK", "0")
-    assert launch.launch_mode(parse_options(["-m", "x.gguf"])) == "mpiexec"
+    assert cluster.launch_mode(parse_options(["-m", "x.gguf"]).np) == "mpiexec"
     with pytest.raises(UsageError, match="--np starts its own workers"):
-        launch.launch_mode(parse_options(["-m", "x.gguf", "--np", "3"]))
+        cluster.launch_mode(parse_options(["-m", "x.gguf", "--np", "3"]).np)
 
 
 def test_single_process_plan_and_split_check(no_launcher):
@@ -45,8 +47,8 @@ def test_single_process_plan_and_split_check(no_launcher):
 def test_rank_plan_counts_the_slices_tensors():
     m = open_model(model("stories260K"))
     sizes = {t.name: int(t.n_bytes) for t in m.reader.tensors}
-    head = launch._rank_plan(m, 0, "h", range(0, 2), 32, "p", 1)
-    tail = launch._rank_plan(m, 1, "h", range(2, 5), 32, "p", 1)
+    head = cluster.rank_plan(m, 0, "h", range(0, 2), 32, "p", 1)
+    tail = cluster.rank_plan(m, 1, "h", range(2, 5), 32, "p", 1)
     blocks = lambda layers: sum(v for k, v in sizes.items() if k.split(".")[:2] in [["blk", str(i)] for i in layers])
     head_only = sum(sizes[k] for k in ("token_embd.weight", "output_norm.weight", "output.weight") if k in sizes)
     assert head.weight_bytes == blocks(range(2)) + head_only
@@ -71,8 +73,8 @@ def test_hostfile_checks(tmp_path):
 
 
 def test_fault_hook_and_local_threads(monkeypatch):
-    assert launch._fault_after(None, 1) is None
-    assert launch._fault_after("1:3", 1) == 3 and launch._fault_after("1:3", 2) is None
+    assert faults.fault_after(None, 1) is None
+    assert faults.fault_after("1:3", 1) == 3 and faults.fault_after("1:3", 2) is None
     monkeypatch.setattr("sys.argv", ["llama-mpi", "opts.txt"])
     assert launch._local_threads(parse_options(["-m", "x.gguf"])) is None          # the head's applies
     monkeypatch.setattr("sys.argv", ["llama-mpi", "-t", "3"])
@@ -80,4 +82,4 @@ def test_fault_hook_and_local_threads(monkeypatch):
 
 
 def test_blas_threads_can_be_capped():
-    assert launch._limit_blas_threads(1) is True
+    assert cluster.limit_blas_threads(1) is True

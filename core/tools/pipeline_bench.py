@@ -2,10 +2,9 @@
 
     python -m core.tools.pipeline_bench [--model FILE] [--ranks 2] [--tokens 256] [--threads 1] [--idle 5]
 
-Without --model it writes a TinyLlama-shaped synthetic Q4_0 file (core.synth) to a temporary folder.
-It re-runs itself under the mpich wheel's mpiexec (`--job`); the head prints one table. Timings on a
-shared 2-core machine are approximate: each prefill is timed `--repeat` times and the best is kept.
-Owns nothing the engine uses; it drives core.pipeline directly (no chat/ options or launch code).
+Without --model it writes a TinyLlama-shaped synthetic Q4_0 file (core.tools.synth) to a temporary
+folder. It re-runs itself under the mpich wheel's mpiexec (`--job`), where core.cluster starts the ranks
+as for a chat; the head prints one table. Owns nothing the engine uses.
 """
 from __future__ import annotations
 
@@ -29,28 +28,15 @@ def _cpu_seconds(pid: int) -> float:
 
 def _job(args: argparse.Namespace) -> int:
     """One rank of the benchmark job (run under mpiexec)."""
-    from .. import transport
-    from ..loader import open_model
-    from ..model import Stage
-    from ..partition import split_layers
-    from ..pipeline import MpiPipeline, serve_worker
+    from ..cluster import ClusterSettings, start
 
-    t = transport.world()
-    t.exchange_peers()
-    model = open_model(args.model)
-    layers = split_layers(model.config.n_layer, t.size, None)
-    n_ctx = args.tokens + 8
-    stage = Stage(model, layers[t.rank], embed=t.rank == 0, head=t.rank == 0, n_ctx=n_ctx, threads=args.threads)
-    t.gather_obj(None)                                            # everyone loaded
-    if t.rank != 0:
-        t.bcast_obj()
-        serve_worker(t, stage)
-        t.close()
+    settings = ClusterSettings(model=str(args.model), n_ctx=args.tokens + 8, threads=args.threads, ubatch=0)
+    pipe = start(settings, "mpiexec")
+    if pipe is None:                                              # a worker: served until the head closed
         return 0
-    t.bcast_obj("go")
-    pipe = MpiPipeline(t, stage, layers, ubatch=0)
+    t, layers = pipe.t, pipe.layers
     rng = np.random.default_rng(0)
-    prompt = rng.integers(3, model.config.n_vocab, size=args.tokens).tolist()
+    prompt = rng.integers(3, pipe.config.n_vocab, size=args.tokens).tolist()
     pipe.eval(prompt[:8])                                         # warm-up: pages in, pools up
     pipe.kv_clear()
     result: dict = {"model": str(args.model), "ranks": t.size, "tokens": args.tokens, "threads": args.threads,
@@ -139,15 +125,13 @@ def main(argv: list[str] | None = None) -> int:
             args.model = write_synthetic(Path(tmp) / "tinyllama-q4_0.gguf", preset="tinyllama", qtype="q4_0",
                                          n_layer=args.n_layer)
         mpiexec = Path(sys.executable).parent / "mpiexec"
-        cmd = [str(mpiexec), "-n", str(args.ranks), sys.executable, "-m", "core.pipeline_bench", "--job",
+        cmd = [str(mpiexec), "-n", str(args.ranks), sys.executable, "-m", "core.tools.pipeline_bench", "--job",
                "--model", str(args.model), "--tokens", str(args.tokens), "--threads", str(args.threads),
                "--repeat", str(args.repeat), "--idle", str(args.idle)]
         if args.ubatch is not None:
             cmd += ["--ubatch", str(args.ubatch)]
-        root = str(Path(__file__).resolve().parents[1])
-        # one BLAS thread per rank, as chat/launch.py sets for cluster ranks ("one thread each")
-        env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                   OPENBLAS_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
+        root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             print(proc.stdout + proc.stderr, file=sys.stderr)

@@ -1,0 +1,348 @@
+"""Cluster: make one engine of the processes of a run, however they were started (DESIGN §3).
+
+Owns a rank's start-up: the launch mode's rule, a worker's supervisor and signals, the spawned workers'
+entry, the handshake (the head's settings sent to every rank; a worker's node-local model path and
+threads; the model fingerprint checked on every rank; the split validated before anything loads), the
+plan, the two load-report rounds and their verdicts, the head's abort-at-exit guard, and the start of a
+worker's serve loop. Settings arrive as a ClusterSettings; it never sees the options and prints nothing
+but a spawned worker's usage line (the UI prints the plan). Steps: core/pipeline.py; MPI: core/transport.py.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from . import faults, transport
+from .errors import LlamaMpiError, PipelineError, UsageError, one_line
+from .loader import ModelFile, open_model
+from .model import Stage
+from .partition import format_layers, split_layers
+from .pipeline import LocalPipeline, MpiPipeline, Pipeline, serve_worker
+from .supervisor import Supervised, supervise
+from .transport import PeerFailed, launcher
+
+UBATCH_ENV = "LLAMA_MPI_UBATCH"      # micro-batch size for pipelined prefill (0 = off; unset = automatic)
+WORKER_FLAG = "--llama-mpi-worker"   # in the command line of a spawned worker
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """What this process was asked to run. The head's values count for everything shared; a worker
+    started by mpiexec keeps its own model path (node-local) and, when set on its node, its threads."""
+    model: str                                    # the GGUF file
+    n_ctx: int = 0                                # context positions; 0 = the model's training context
+    threads: int = 1                              # compute threads per rank
+    local_threads: int | None = None              # -t given on this node: a worker keeps it (else the head's)
+    layer_split: tuple[float, ...] | None = None  # one weight per rank, head first; None = equal shares
+    rope_freq_base: float | None = None           # RoPE overrides (None = the file's)
+    rope_freq_scale: float | None = None
+    ubatch: int | None = None                     # prefill micro-batch size (0 = off, None = automatic)
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    rank: int
+    host: str
+    layers: range
+    weight_bytes: int          # bytes of this rank's tensors in the file
+    kv_bytes: int              # f32 K and V for its layers at n_ctx
+    model: str                 # the path this rank opens
+    threads: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    mode: str                  # "single", "mpiexec" or "spawn"
+    model: str
+    n_layer: int
+    n_ctx: int
+    ranks: tuple[RankPlan, ...]
+
+    def __str__(self) -> str:
+        head = f"plan: {self.mode}, {len(self.ranks)} rank{'s' if len(self.ranks) > 1 else ''}, " \
+               f"{self.n_layer} layers, n_ctx {self.n_ctx}"
+        rows = [f"  rank {r.rank}  {r.host:<16} layers {format_layers(r.layers):<7} "
+                f"weights {_mib(r.weight_bytes)}  KV {_mib(r.kv_bytes)}  threads {r.threads}" for r in self.ranks]
+        return "\n".join([head] + rows)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:8.1f} MiB"
+
+
+def env_ubatch() -> int | None:
+    """The micro-batch size LLAMA_MPI_UBATCH asks for (unset or empty: automatic)."""
+    value = os.environ.get(UBATCH_ENV)
+    return int(value) if value else None
+
+
+def launch_mode(n_ranks: int | None) -> str:
+    """"mpiexec" when a launcher started this process, "spawn" for n_ranks > 1 (--np N), else "single"."""
+    if launcher().started:
+        if n_ranks is not None:
+            raise UsageError("--np starts its own workers: under mpiexec give the rank count to mpiexec -n")
+        return "mpiexec"
+    if n_ranks is not None and n_ranks > 1:
+        return "spawn"
+    return "single"
+
+
+def start(settings: ClusterSettings, mode: str, n_ranks: int = 1, hostfile: str | None = None,
+          on_plan: Callable[[Plan], None] | None = None) -> Pipeline | None:
+    """Make this process a rank of the engine. The head gets its Pipeline (with the `plan` every rank
+    agreed on); a worker serves until the head shuts the cluster down and returns None (its caller exits
+    0: after a failure the head's status is the job's, or the head has aborted the job).
+
+    Args:
+        settings: this process's settings.
+        mode: "single", "mpiexec" or "spawn" (see launch_mode).
+        n_ranks: spawn mode: the ranks to run, the head included.
+        hostfile: spawn mode: the hosts of the spawned workers (checked by the caller).
+        on_plan: called with the plan once every rank agreed, before anything loads.
+    """
+    # Ranks may share a host, so -t threads come from each Stage's own pool, never from BLAS; the same
+    # in one process, so that a single-process run and a cluster run compute bit-identical logits.
+    limit_blas_threads(1)
+    if mode == "single":
+        return _start_single(settings, on_plan)
+    supervised = None
+    if mode == "mpiexec" and launcher().is_worker:
+        supervised = supervise(launcher().rank)          # returns in the child, which becomes the MPI rank
+    if mode == "spawn":
+        t = transport.spawn_workers(n_ranks - 1, _worker_argv(), hostfile)
+    else:
+        t = transport.world()
+    t.exchange_peers()
+    if t.rank != 0:
+        _serve(t, supervised, settings.model, settings.local_threads)
+        return None            # exit 0 even after a failure: the head's status is the job's (hydra
+                               # kills the ranks still finalizing when one exits non-zero)
+    return _head(t, settings, mode, on_plan)
+
+
+# ---- single process ------------------------------------------------------------------------------
+
+def _start_single(settings: ClusterSettings, on_plan: Callable[[Plan], None] | None) -> Pipeline:
+    model = open_model(settings.model).with_rope(settings.rope_freq_base, settings.rope_freq_scale)
+    n_ctx = settings.n_ctx or model.config.n_ctx_train
+    layers = split_layers(model.config.n_layer, 1, settings.layer_split)
+    plan = Plan("single", settings.model, model.config.n_layer, n_ctx,
+                (rank_plan(model, 0, os.uname().nodename, layers[0], n_ctx, settings.model, settings.threads),))
+    if on_plan:
+        on_plan(plan)
+    return LocalPipeline(Stage(model, layers[0], embed=True, head=True, n_ctx=n_ctx, threads=settings.threads),
+                         plan)
+
+
+# ---- the head ------------------------------------------------------------------------------------
+
+class _AbortAtExit:
+    """Armed from the first MPI exchange until the head either owns a pipeline (whose own exit hook
+    takes over) or has stopped every worker cleanly: if the head leaves in between (an unexpected
+    error, Ctrl-C while loading), the MPI job is aborted so that no worker waits forever."""
+
+    def __init__(self, t: Any):
+        self.t, self.armed = t, True
+        self.code = 1                    # the job's status; 130 after Ctrl-C
+        atexit.register(self._fire)
+
+    def disarm(self) -> None:
+        self.armed = False
+
+    def _fire(self) -> None:
+        if self.armed:
+            self.t.abort_job(self.code)
+
+
+def _head(t: Any, settings: ClusterSettings, mode: str, on_plan: Callable[[Plan], None] | None) -> MpiPipeline:
+    guard = _AbortAtExit(t)
+    try:
+        pipe = _head_setup(t, settings, mode, on_plan, guard)
+    except PeerFailed as exc:                             # a worker died or failed during start-up
+        peer = t.peers[exc.rank] if exc.rank < len(t.peers) else None
+        raise PipelineError(f"rank {exc.rank} ({peer.host if peer else '?'}) failed during start-up: "
+                            f"{exc.what}") from None
+    except KeyboardInterrupt:                             # Ctrl-C while loading: the job ends with 130
+        guard.code = 130
+        raise
+    guard.disarm()
+    atexit.register(_head_at_exit, pipe)
+    return pipe
+
+
+def _head_setup(t: Any, settings: ClusterSettings, mode: str, on_plan: Callable[[Plan], None] | None,
+                guard: _AbortAtExit) -> MpiPipeline:
+    try:
+        model = open_model(settings.model).with_rope(settings.rope_freq_base, settings.rope_freq_scale)
+        n_ctx = settings.n_ctx or model.config.n_ctx_train
+        layers = split_layers(model.config.n_layer, t.size, settings.layer_split)
+    except LlamaMpiError as exc:
+        t.bcast_obj({"error": str(exc)})                  # workers stop quietly; the head reports
+        t.close()
+        guard.disarm()
+        raise
+    t.bcast_obj({"model": os.path.abspath(settings.model), "fingerprint": model.fingerprint(), "n_ctx": n_ctx,
+                 "threads": settings.threads, "layers": [(r.start, r.stop) for r in layers],
+                 "rope": (settings.rope_freq_base, settings.rope_freq_scale)})   # the head's overrides, for all
+    mine = rank_plan(model, 0, t.host, layers[0], n_ctx, settings.model, settings.threads)
+    reports = t.gather_obj({"plan": mine, "error": None})
+    _verdict(t, reports, layers, guard)
+    plan = Plan(mode, settings.model, model.config.n_layer, n_ctx, tuple(r["plan"] for r in reports))
+    if on_plan:
+        on_plan(plan)
+    stage, error = None, None
+    try:
+        stage = Stage(model, layers[0], embed=True, head=True, n_ctx=n_ctx, threads=settings.threads)
+    except Exception as exc:                              # noqa: BLE001 - reported like a worker's
+        error = one_line(exc)
+    reports = t.gather_obj({"plan": mine, "error": error})
+    _verdict(t, reports, layers, guard)
+    t, stage = faults.inject(t, stage)
+    pipe = MpiPipeline(t, stage, layers, plan, ubatch=settings.ubatch)
+    _head_signals()
+    return pipe
+
+
+def _verdict(t: Any, reports: list[dict], layers: list[range], guard: _AbortAtExit) -> None:
+    """Every rank said ok: tell them to go on. Otherwise tell them to stop and raise for the first."""
+    bad = [(r, rep) for r, rep in enumerate(reports) if rep["error"]]
+    t.bcast_obj("abort" if bad else "go")
+    if bad:
+        t.close()
+        guard.disarm()
+        r, rep = bad[0]
+        raise PipelineError(f"rank {r} ({rep['plan'].host}, layers {format_layers(layers[r])}): {rep['error']}")
+
+
+def _head_at_exit(pipe: MpiPipeline) -> None:
+    """The head is exiting without close() (an unexpected error): never leave workers waiting."""
+    pipe.close()
+
+
+def _head_signals() -> None:
+    """SIGTERM on the head: leave through SystemExit so the pipeline stops every worker first.
+    (SIGINT belongs to the chat: it stops generation between steps.)"""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_exit)
+
+
+def _raise_exit(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+# ---- a worker ------------------------------------------------------------------------------------
+
+def worker_main() -> int:
+    """Entry of a spawned worker (spawn mode): join the head's communicator and serve."""
+    rank = launcher().rank
+    supervised = supervise(None if rank is None else rank + 1)   # merged rank: the head is 0
+    t = transport.join_parent()
+    if t is None:
+        print("error: this entry point is for workers spawned by llama-mpi --np N", file=sys.stderr)
+        return 2
+    t.exchange_peers()
+    _serve(t, supervised, None, None)
+    return 0
+
+
+def _worker_argv() -> list[str]:
+    """`python <argv>` of a spawned worker: import this package from where the head found it."""
+    root = str(Path(__file__).resolve().parents[1])
+    code = (f"import sys; sys.path.insert(0, {root!r}); from core.cluster import worker_main; "
+            f"sys.exit(worker_main())")
+    return ["-c", code, WORKER_FLAG]
+
+
+def _serve(t: Any, supervised: Supervised | None, local_model: str | None, local_threads: int | None) -> int:
+    """A worker rank once MPI is up: tell its supervisor where the head listens, take its signals,
+    then the start-up handshake and the serve loop. Returns the exit status."""
+    if supervised is not None:
+        supervised.tell(t.head_notice)
+    # SIGINT is ignored (mpiexec forwards Ctrl-C to every rank; the head decides); SIGTERM becomes a
+    # failure reported to the head
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _raise_exit)
+    return _worker(t, local_model, local_threads)
+
+
+def _worker(t: Any, local_model: str | None, local_threads: int | None) -> int:
+    """A worker's start-up handshake, then serve. Returns the exit status."""
+    shared = t.bcast_obj()
+    if "error" in shared:
+        t.close()
+        return 1
+    rank = t.rank
+    layers = range(*shared["layers"][rank])
+    path = local_model or shared["model"]
+    threads = local_threads or shared["threads"]
+    n_ctx = shared["n_ctx"]
+    model: ModelFile | None = None
+    error = None
+    try:
+        model = open_model(path).with_rope(*shared["rope"])
+        if model.fingerprint() != shared["fingerprint"]:
+            error = (f"model {path} is not the head's {shared['model']} "
+                     f"(fingerprint {model.fingerprint()} vs {shared['fingerprint']})")
+    except LlamaMpiError as exc:
+        error = str(exc)
+    mine = (rank_plan(model, rank, t.host, layers, n_ctx, path, threads) if model is not None
+            else RankPlan(rank, t.host, layers, 0, 0, path, threads))
+    t.gather_obj({"plan": mine, "error": error})
+    if t.bcast_obj() != "go":
+        t.close()
+        return 1
+    stage, error = None, None
+    try:
+        stage = Stage(model, layers, embed=False, head=False, n_ctx=n_ctx, threads=threads)
+    except Exception as exc:                              # noqa: BLE001 - reported to the head
+        error = one_line(exc)
+    t.gather_obj({"plan": mine, "error": error})
+    if t.bcast_obj() != "go":
+        t.close()
+        return 1
+    status = serve_worker(*faults.inject(t, stage))
+    t.close(disconnect=status == 0)
+    stage.close()
+    return status
+
+
+# ---- sizes and threads ---------------------------------------------------------------------------
+
+def rank_plan(model: ModelFile, rank: int, host: str, layers: range, n_ctx: int, path: str,
+              threads: int) -> RankPlan:
+    """Bytes this rank will hold: its tensors in the file, and an f32 KV cache for its layers."""
+    cfg = model.config
+    names = {f"blk.{i}." for i in layers}
+    head = {"token_embd.weight", "output_norm.weight", "output.weight"} if rank == 0 else set()
+    weight = sum(int(t.n_bytes) for t in model.reader.tensors
+                 if t.name in head or t.name[:t.name.find(".", 4) + 1] in names)
+    kv = 2 * len(layers) * n_ctx * cfg.n_head_kv * cfg.head_dim * 4
+    return RankPlan(rank, host, layers, weight, kv, path, threads)
+
+
+def limit_blas_threads(n: int) -> bool:
+    """Cap OpenBLAS's own threads in this process (numpy's wheel starts one per core, and they spin:
+    two ranks on two cores then fight over four busy threads, measured 3-4x slower). True if capped."""
+    import ctypes
+    try:
+        with open("/proc/self/maps") as f:
+            libs = {line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line}
+    except OSError:
+        return False
+    names = ("openblas_set_num_threads", "openblas_set_num_threads64_", "scipy_openblas_set_num_threads64_",
+             "scipy_openblas_set_num_threads")
+    for path in sorted(libs):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in names:
+            if hasattr(lib, name):
+                getattr(lib, name)(ctypes.c_int(n))
+                return True
+    return False
