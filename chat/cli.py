@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from core.errors import LlamaMpiError, UsageError
+from core.transport import launcher
 
 from .options import (ChatOptions, command_line_is_valid, env_no_color, fill_prompt_vars, no_effect_reason,
                       parse_options, read_user_file)
@@ -95,24 +96,10 @@ class Prepared:
             raise UsageError(f"--transcript: folder '{Path(opts.transcript).parent}' does not exist")
 
 
-def _rank_text() -> str:
-    for key in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
-        if key in os.environ:
-            return os.environ[key]
-    return "0"
-
-
-def _worker_rank() -> bool:
-    for key in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
-        if os.environ.get(key, "0") != "0":
-            return True
-    return False
-
-
 def _interrupted(ui: Renderer) -> int:
     """Ctrl-C before the chat took over the signal: one line from rank 0, status 130 (the cluster is
     stopped by pipeline.close() or, during start-up, by aborting the job)."""
-    if not _worker_rank():
+    if not launcher().is_worker:
         ui.newline_if_needed()
         ui.info("interrupted before the chat started")
     return EXIT_INTERRUPTED
@@ -135,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         # under mpiexec every rank parses the same command line: rank 0 alone reports it, unless a
         # worker's own (node-local) options file is what failed
-        if not _worker_rank() or command_line_is_valid(argv):
-            ui.error(str(exc) if not _worker_rank() else f"rank {_rank_text()}: {exc}")
+        launched = launcher()
+        if not launched.is_worker or command_line_is_valid(argv):
+            ui.error(f"rank {launched.rank}: {exc}" if launched.is_worker else str(exc))
         return EXIT_USAGE
     ui = Renderer(opts.color and not env_no_color())
     from .interrupts import make_loading_ctrl_c
@@ -153,14 +141,14 @@ def _start_and_chat(opts: ChatOptions, ui: Renderer, loading) -> int:
     prepared, problem = None, None
     try:
         opts, banner = resolve_demo(opts)
-        if not _worker_rank():
+        if not launcher().is_worker:
             for typed in opts.no_effect:          # llama.cpp flags an options file may carry
                 ui.note(f"note: ignoring {typed}: {no_effect_reason(typed)}")
             try:
                 prepared = Prepared(opts)
             except LlamaMpiError as exc:
                 problem = exc
-                if not _under_launcher():
+                if not launcher().started:
                     raise            # nothing started yet: fail at once
         t0 = time.perf_counter()
         pipeline = start_pipeline(opts, ui, loading)
@@ -185,11 +173,6 @@ def _start_and_chat(opts: ChatOptions, ui: Renderer, loading) -> int:
         return _report(ui, exc)
     finally:
         pipeline.close()
-
-
-def _under_launcher() -> bool:
-    from .repl import under_mpiexec
-    return under_mpiexec()
 
 
 def run_head(opts: ChatOptions, pipeline, prepared: Prepared, ui: Renderer, banner: str | None,

@@ -16,8 +16,10 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
+from core.transport import launcher
+
 from .options import ReaderSettings
-from .repl import PlainReader, under_mpiexec
+from .repl import PlainReader
 
 EXIT_INTERRUPTED = 130
 
@@ -129,7 +131,7 @@ class LoadingCtrlC:
 
 def make_loading_ctrl_c(settings: ReaderSettings) -> LoadingCtrlC | None:
     """A LoadingCtrlC in spawn mode with a terminal on stdin, else None (elsewhere SIGINT is ours)."""
-    if under_mpiexec() or not settings.spawn or not sys.stdin.isatty():
+    if launcher().started or not settings.spawn or not sys.stdin.isatty():
         return None
     try:
         return LoadingCtrlC(sys.stdin.fileno())
@@ -140,7 +142,7 @@ def make_loading_ctrl_c(settings: ReaderSettings) -> LoadingCtrlC | None:
 def make_chat_ctrl_c(reader=None) -> ChatCtrlC:
     """The chat's Ctrl-C; with a terminal watcher when rank 0 reads a real terminal outside mpiexec (under
     mpiexec, hydra owns Ctrl-C and forwards it as SIGINT)."""
-    if under_mpiexec() or not sys.stdin.isatty():
+    if launcher().started or not sys.stdin.isatty():
         return ChatCtrlC(None)
     try:
         watcher = CtrlCWatcher(sys.stdin.fileno())

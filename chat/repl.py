@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, TextIO
 
+from core.transport import launcher
+
 from .lines import LineAssembler, ScriptTurn, join_turn, wants_more
 from .options import ReaderSettings
 from .render import Renderer
@@ -28,11 +30,6 @@ WATCH_EVERY_S = 0.25          # how often a waiting reader calls the session's p
 
 PTK_STYLES = {"prompt": "ansiyellow nobold", "output": "nobold noinherit", "error": "bold ansired",
               "user": "bold ansigreen"}
-
-
-def under_mpiexec() -> bool:
-    """Started by an MPI launcher (hydra sets PMI_RANK; Open MPI sets OMPI_COMM_WORLD_RANK)."""
-    return "PMI_RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ or "PMIX_RANK" in os.environ
 
 
 class PlainReader:
@@ -224,6 +221,6 @@ def make_reader(settings: ReaderSettings, ui: Renderer, script_turns: list[Scrip
     if script_turns is not None:
         return ScriptReader(script_turns, ui)
     tty = sys.stdin.isatty() and sys.stdout.isatty()
-    if tty and not settings.simple_io and not under_mpiexec():
+    if tty and not settings.simple_io and not launcher().started:
         return TerminalReader(ui, settings.multiline_input)
-    return PlainReader(sys.stdin, ui, settings.multiline_input, echo=not sys.stdin.isatty() and not under_mpiexec())
+    return PlainReader(sys.stdin, ui, settings.multiline_input, echo=not sys.stdin.isatty() and not launcher().started)
