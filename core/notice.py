@@ -1,15 +1,9 @@
-"""Death notices: a worker's supervisor tells the head, over one short TCP connection, that its rank died.
+"""Death notices: a worker's supervisor (core/supervisor.py) tells the head, over one short TCP connection,
+that its rank died, so that a rank lost on another host (whose pid the head cannot watch) is named at once.
 
-Why: the head checks that ranks on ITS host are alive by their pid, and MPI does not report a dead peer;
-a rank on another host that is killed would leave the head waiting for it forever. Each worker runs under
-a supervisor process (core/supervisor.py) that outlives it; the supervisor connects to the head's notice
-board and sends one line, and the head raises the usual failure naming the rank (core/transport.py).
-
-Owns: the head's listening socket (NoticeBoard, polled without blocking) and the wire form of a notice:
-one UTF-8 line "KEY RANK TEXT\\n". Must not: import mpi4py, know about layers or models, or block the head.
-The address is "HOST:PORT/KEY": the head's host name as MPI's launcher also uses it (its proxies connect
-back to the head the same way, so it resolves wherever the job could start at all), and a random key that
-only the job's ranks learn (with the peer table), so a stray connection can never stop a session.
+Owns the head's listening socket (NoticeBoard, polled without blocking) and the wire form of a notice, one
+UTF-8 line "KEY RANK TEXT\\n" sent to "HOST:PORT/KEY" (the head's host name as MPI's launcher uses it; a
+random key only the job's ranks learn). Must not import mpi4py, know about layers or models, or block.
 """
 from __future__ import annotations
 

@@ -4,7 +4,8 @@ Owns the head's view (`Pipeline` protocol: `LocalPipeline` in one process, `MpiP
 cluster), the worker loop (`serve_worker`), the step protocol (micro-batches in flight across stages,
 only the needed rows back to the head), KV-cache operations replayed on every rank in the head's order,
 per-rank statistics, and turning any rank's failure into one PipelineError naming rank, host and layers.
-It must not parse options, print, or import mpi4py (core/transport.py moves the bytes).
+It must not start ranks (core/cluster.py), parse options, print, or import mpi4py (core/transport.py
+moves the bytes).
 """
 from __future__ import annotations
 

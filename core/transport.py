@@ -1,16 +1,8 @@
 """Transport: the only module that imports mpi4py. Moves control frames, float32 activations and small
-pickled records between ranks, and never lets a waiting rank spin a core.
-
-Every wait here is a poll: non-blocking request, `Test`, short sleep with back-off (MPICH's blocking waits
-busy-poll, which on a 2-core machine steals the computing rank's core). While it waits, a rank also
-watches for trouble: a worker watches its control channel for the head's Abort; the head watches a
-report channel on which a failing worker sends one pickled line, and a notice board (core/notice.py) on
-which the supervisor of a rank that died, on any host, says so; both check that same-host peers are
-still alive. It knows nothing about models or layers (core/pipeline.py decides what to send).
-
-The head "broadcasts" a control frame by sending it to each worker point to point, in order: a posted
-receive can be tested, cancelled and mixed with the Abort channel, where a pending MPI_Ibcast can do
-none of that (and a blocking Bcast busy-polls). With a few ranks the fan-out costs microseconds.
+pickled records between ranks over one communicator whose rank 0 is the head, and tells which launcher
+started this process (`launcher`). Every wait is a poll with short sleeps, never a spinning MPI wait, and
+watches for trouble (the head's Abort; a worker's failure report, death notice or vanished pid). It must
+not know about models or layers: core/pipeline.py decides what to send.
 """
 from __future__ import annotations
 
@@ -155,7 +147,8 @@ class Transport:
 
     # ---- polling ---------------------------------------------------------------------------------
     def wait(self, req: Any) -> None:
-        """Poll `req` to completion while watching for failures (raises PeerFailed / Aborted)."""
+        """Poll `req` to completion while watching for failures (raises PeerFailed / Aborted). Polls with
+        backing-off sleeps: MPICH's blocking waits busy-poll, stealing a core from the computing rank."""
         if not req.Test():
             self._poll_until(req.Test)
 
@@ -197,7 +190,11 @@ class Transport:
 
     # ---- control channel (head -> workers) -------------------------------------------------------
     def send_ctrl(self, msg: Message, seq: int) -> None:
-        """(head) the same frame to every worker, in order; returns when all sends completed."""
+        """(head) the same frame to every worker, in order; returns when all sends completed.
+
+        Point to point rather than a broadcast: a posted receive can be tested, cancelled and mixed with
+        the Abort channel, where a pending MPI_Ibcast can do none of that (and a blocking Bcast spins).
+        """
         frame = encode(msg, seq)
         reqs = [self.comm.Isend([frame, self._mpi_int64()], dest=r, tag=TAG_CTRL) for r in range(1, self.size)]
         for req in reqs:
