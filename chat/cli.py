@@ -1,8 +1,8 @@
 """`llama-mpi` (console script) and `python -m chat`: options -> cluster -> chat on rank 0.
 
-Owns the order of start-up: parse the options (every rank), start the cluster (chat/launch.py; worker
-ranks serve there and leave with 0), then on rank 0 read the prompt/script files, build the session and
-run it. Any error after the cluster started closes the pipeline first, so no rank is left behind.
+Owns the order of start-up: parse the options (every rank), start the cluster (chat/launch.py, then
+core/cluster.py; worker ranks serve there and leave with 0), then on rank 0 read the prompt/script files,
+build the session and run it. Any error after the cluster started closes the pipeline first, so no rank is left behind.
 Errors are one line, `error: ...`, exit 2 for bad usage, 1 for the rest, 130 after Ctrl-C.
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ def resolve_demo(opts: ChatOptions) -> tuple[ChatOptions, str | None]:
 
 
 def start_pipeline(opts: ChatOptions, ui: Renderer, loading=None):
-    """The pipeline for these options: chat/launch.py decides the mode; None on worker ranks.
+    """The pipeline for these options (core/cluster.py starts the ranks); None on worker ranks.
     `loading` (an interrupts.LoadingCtrlC, or None) is armed once every rank agreed on the plan."""
     from .launch import start_cluster
 
