@@ -2,8 +2,8 @@
 
 Owns the order of start-up: parse the options (every rank), start the cluster (chat/launch.py, then
 core/cluster.py; worker ranks serve there and leave with 0), then on rank 0 read the prompt/script files,
-build the session and run it. Any error after the cluster started closes the pipeline first, so no rank is left behind.
-Errors are one line, `error: ...`, exit 2 for bad usage, 1 for the rest, 130 after Ctrl-C.
+build the session and run it. Any error after the cluster started closes the pipeline first, so no rank
+is left behind. Errors are one line, `error: ...`, exit 2 for bad usage, 1 for the rest, 130 after Ctrl-C.
 """
 from __future__ import annotations
 
