@@ -1,10 +1,10 @@
 """write_synthetic: LLaMA GGUF files with random but valid weights, for tests and benchmarks.
 
-Owns the presets (tiny, TinyLlama-1.1B shapes, LLaMA-7B shapes), a deterministic SentencePiece-style
-vocabulary, and random weight bytes in every supported type. Quantized tensors are random valid GGML
-blocks (random quant bits, block scales chosen so the weights have mean ~0 and std ~1/sqrt(n_in)), made
-vectorised and written tensor by tensor, so a TinyLlama-sized file takes seconds. Not a real model:
-nothing here is trained, and no computation of the engine is used to make the files.
+Owns the presets (tiny, TinyLlama-1.1B shapes, LLaMA-7B shapes, an MQA shape), a deterministic
+SentencePiece-style vocabulary, and random weight bytes in every supported type. Quantized tensors are
+random valid GGML blocks (random quant bits, block scales chosen so the weights have mean ~0 and std
+~1/sqrt(n_in)), made vectorised and written tensor by tensor, so a TinyLlama-sized file takes seconds.
+Not a real model: nothing here is trained, and no computation of the engine is used to make the files.
 """
 from __future__ import annotations
 
@@ -37,6 +37,9 @@ PRESETS = {
     "tiny": Shape(n_embd=256, n_ff=768, n_layer=2, n_head=8, n_head_kv=2, n_vocab=512, n_ctx=512),
     "tinyllama": Shape(n_embd=2048, n_ff=5632, n_layer=22, n_head=32, n_head_kv=4, n_vocab=32000, n_ctx=2048),
     "llama7b": Shape(n_embd=4096, n_ff=11008, n_layer=32, n_head=32, n_head_kv=32, n_vocab=32000, n_ctx=4096),
+    # multi-query attention (1 KV head), head_dim 128, n_ff 43 blocks of 32 (not a multiple of 256):
+    # legacy types only; the awkward shape for tensor-parallel cuts (issue 11)
+    "mqa": Shape(n_embd=768, n_ff=1376, n_layer=2, n_head=6, n_head_kv=1, n_vocab=512, n_ctx=512),
 }
 
 TYPES = {  # CLI name -> (GGML type, general.file_type)
@@ -177,7 +180,7 @@ def write_synthetic(path: str | Path, preset: str = "tiny", qtype: str = "f32", 
 
     Args:
         path: output file (overwritten).
-        preset: "tiny", "tinyllama" or "llama7b" (shapes in PRESETS).
+        preset: "tiny", "tinyllama", "llama7b" or "mqa" (shapes in PRESETS).
         qtype: weight type of every matrix (a key of TYPES); 1-D norms are always F32.
         n_layer: override the preset's layer count.
         seed: the same arguments and seed give byte-identical files.
