@@ -17,6 +17,7 @@ from .kv_cache import KVCache
 from .loader import ModelFile
 from .ops import attention, rmsnorm, rope, rope_angles, swiglu
 from .quants import QTensor, TilePool, dequantize, make_qtensor
+from .shard import Allreduce, MappedEmbedding, TPShard, slice_tensor
 
 
 def check_token_ids(tokens, n_vocab: int) -> np.ndarray:
@@ -54,19 +55,34 @@ class Stage:
         head: load output_norm and output (token_embd when the output is tied) for `logits()`.
         n_ctx: positions the KV cache holds.
         threads: > 1 shares the matrix products among that many threads (this one included).
+        shard: this rank's share of a tensor-parallel group (core.shard.plan_stage); None: every weight.
+            Then only that slice of each matrix is loaded, the KV cache holds only its KV heads, `logits()`
+            gives its vocab rows, and `embed()` reads token_embd rows from the mapping.
+        allreduce: with a shard of a group of 2 or more, called exactly twice per layer (after attn_output
+            and after ffn_down) with this rank's partial (T, n_embd) f32 (a fresh array it may reduce in
+            place); returns the group's sum, bitwise the same on every rank.
     """
 
     def __init__(self, model: ModelFile, layers: range, *, embed: bool, head: bool, n_ctx: int,
-                 threads: int = 1):
+                 threads: int = 1, shard: TPShard | None = None, allreduce: Allreduce | None = None):
         cfg = model.config
         if layers.step != 1 or not 0 <= layers.start <= layers.stop <= cfg.n_layer:
             raise ValueError(f"layer range {layers} is not a slice of the model's {cfg.n_layer} layers")
+        if shard is not None and shard.size > 1 and allreduce is None:
+            raise ValueError("a stage sharded over 2 or more ranks needs an allreduce")
         self.model, self.config, self.layers = model, cfg, layers
         self.has_embed, self.has_head = embed, head
+        self.shard, self._allreduce = shard, allreduce
         self._pool = TilePool(threads) if threads > 1 else None
-        self.token_embd = self._matrix("token_embd.weight") if embed or (head and cfg.tied_output) else None
+        if shard is None:
+            tied_head = head and cfg.tied_output
+            self.token_embd = self._matrix("token_embd.weight") if embed or tied_head else None
+        else:
+            self.token_embd = MappedEmbedding(model.tensor("token_embd.weight")) if embed else None
         self.output_norm = self._vector("output_norm.weight") if head else None
-        if head:
+        if head and shard is not None:                                   # its vocab rows only
+            self.output = self._matrix("token_embd.weight" if cfg.tied_output else "output.weight")
+        elif head:
             self.output = self.token_embd if cfg.tied_output else self._matrix("output.weight")
         else:
             self.output = None
@@ -76,13 +92,17 @@ class Stage:
         self.blocks = [self._block(i, matrices) for i in layers]
         self.freq_factors = (self._vector("rope_freqs.weight")
                              if self.blocks and model.has("rope_freqs.weight") else None)
-        self.cache = KVCache(len(self.blocks), n_ctx, cfg.n_head_kv, cfg.head_dim)
+        n_kv = cfg.n_head_kv if shard is None else len(shard.kv_heads)
+        self.cache = KVCache(len(self.blocks), n_ctx, n_kv, cfg.head_dim)
 
     # ---- loading -------------------------------------------------------------------------------
     def _matrix(self, name: str) -> QTensor:
         t = self.model.tensor(name)
         shape = (int(t.shape[1]), int(t.shape[0]))                      # GGUF dims reversed: (n_out, n_in)
-        q = make_qtensor(t.tensor_type, t.data, shape)
+        data = t.data
+        if self.shard is not None:                                       # whole rows / whole blocks
+            data, shape = slice_tensor(t.tensor_type, data, shape, *self.shard.share(name))
+        q = make_qtensor(t.tensor_type, data, shape)
         self.model.release(name)                                         # repacked: drop the mapped pages
         return q
 
@@ -170,22 +190,33 @@ class Stage:
 
     def _layer(self, li: int, b: Block, h: np.ndarray, pos: int, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         """One LLaMA block: pre-norm attention with RoPE and GQA, then pre-norm SwiGLU FFN, both residual."""
-        c, pool = self.config, self._pool
+        c, pool, sh = self.config, self._pool, self.shard
         T = h.shape[0]
+        n_q, n_kv = (c.n_head, c.n_head_kv) if sh is None else (len(sh.heads), len(sh.kv_heads))
         x = rmsnorm(h, b.attn_norm, c.norm_eps)                          # (T, n_embd)
-        q = b.attn_q.matmul(x, pool).reshape(T, c.n_head, c.head_dim)    # (T, n_head, head_dim)
-        k = b.attn_k.matmul(x, pool).reshape(T, c.n_head_kv, c.head_dim) # (T, n_head_kv, head_dim)
-        v = b.attn_v.matmul(x, pool).reshape(T, c.n_head_kv, c.head_dim)
+        q = b.attn_q.matmul(x, pool).reshape(T, n_q, c.head_dim)         # (T, n_head, head_dim)
+        k = b.attn_k.matmul(x, pool).reshape(T, n_kv, c.head_dim)        # (T, n_head_kv, head_dim)
+        v = b.attn_v.matmul(x, pool).reshape(T, n_kv, c.head_dim)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         keys, values = self.cache.store(li, pos, k, v)                   # (n_head_kv, pos+T, head_dim) each
-        a = attention(q, keys, values, pos)                              # (T, n_head * head_dim)
-        h = h + b.attn_output.matmul(a, pool)                            # (T, n_embd)
+        if sh is None:
+            a = attention(q, keys, values, pos)                          # (T, n_head * head_dim)
+            h = h + b.attn_output.matmul(a, pool)                        # (T, n_embd)
+        else:                                                            # own heads; the group's sum
+            h = h + self._reduce(b.attn_output.matmul(sh.attend(q, keys, values, pos), pool))
         x = rmsnorm(h, b.ffn_norm, c.norm_eps)                           # (T, n_embd)
         f = swiglu(b.ffn_gate.matmul(x, pool), b.ffn_up.matmul(x, pool)) # (T, n_ff)
-        return h + b.ffn_down.matmul(f, pool)                            # (T, n_embd)
+        if sh is None:
+            return h + b.ffn_down.matmul(f, pool)                        # (T, n_embd)
+        return h + self._reduce(b.ffn_down.matmul(sh.pad_ff(f), pool))
+
+    def _reduce(self, partial: np.ndarray) -> np.ndarray:
+        """The TP group's sum of a (T, n_embd) partial product (the partial itself in a group of one)."""
+        return partial if self.shard.size == 1 else self._allreduce(partial)
 
     def logits(self, h: np.ndarray) -> np.ndarray:
-        """Final RMSNorm and LM head: h (T, n_embd) -> (T, n_vocab) f32."""
+        """Final RMSNorm and LM head: h (T, n_embd) -> (T, n_vocab) f32 (a shard: its vocab rows only,
+        (T, len(shard.vocab)); core.shard.assemble_logits joins the group's)."""
         if self.output is None:
             raise ValueError("this stage was built without the output head (head=False)")
         h = np.asarray(h, dtype=np.float32).reshape(-1, self.config.n_embd)
@@ -194,8 +225,10 @@ class Stage:
 
     def eval(self, tokens, pos: int, all_logits: bool = False) -> np.ndarray:
         """Embed, run every layer, and return the logits: (n_vocab,) for the last token, or (T, n_vocab)."""
-        if not self.has_embed or self.output is None or len(self.layers) != self.config.n_layer:
-            raise ValueError("eval() needs a full-model stage (all layers, embed=True, head=True)")
+        if (not self.has_embed or self.output is None or len(self.layers) != self.config.n_layer
+                or self.shard is not None and self.shard.size > 1):
+            raise ValueError("eval() needs a full-model stage (all layers, embed=True, head=True, "
+                             "no TP split)")
         h = self.forward(self.embed(tokens), pos)                        # (T, n_embd)
         if not all_logits:
             return self.logits(h[-1:])[0]                                # (n_vocab,)
