@@ -5,6 +5,9 @@ cluster starts: MPICH's process manager shares the terminal's process group and 
 a SIGINT), the SIGINT handler of the chat, and what a press means (while generating: the first stops at
 the next token, a second quits; at the prompt: quit; a third while a step runs: exit at once). It never
 talks to the pipeline; the session asks `check()` between steps and reads turns inside `reading()`.
+Other keys read meanwhile are kept, not dropped: they go to the reader's TypeAhead (chat/repl.py) for the
+next prompt, as a terminal would have kept them in its input queue; a Ctrl-C empties it, as a terminal
+flushes its queue on an interrupt.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from typing import Iterator
 from core.transport import launcher
 
 from .options import ReaderSettings
-from .repl import PlainReader
+from .repl import PlainReader, TerminalReader, TypeAhead
 
 EXIT_INTERRUPTED = 130
 
@@ -29,12 +32,14 @@ class CtrlCWatcher:
 
     Why: in spawn mode MPICH's process manager shares the terminal's process group, and a SIGINT from
     the terminal makes it abort every rank. Turning off ISIG while generating keeps Ctrl-C ours; we
-    poll stdin between tokens. (At the prompt prompt_toolkit has the terminal in raw mode anyway.)
+    poll stdin between tokens. (At the prompt prompt_toolkit has the terminal in raw mode anyway.) Every
+    other key read goes to `typed` (a TypeAhead), which a Ctrl-C empties.
     """
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, typed: TypeAhead):
         import termios
         self.fd = fd
+        self.typed = typed
         self._saved = termios.tcgetattr(fd)
         self.active = False
 
@@ -67,7 +72,7 @@ class CtrlCWatcher:
         self.active = False
 
     def poll(self) -> int:
-        """Ctrl-C presses typed since the last poll (other keys typed while generating are dropped)."""
+        """Ctrl-C presses typed since the last poll; the other keys go to `typed`."""
         if not self.active:
             return 0
         presses = 0
@@ -75,7 +80,7 @@ class CtrlCWatcher:
             data = os.read(self.fd, 1024)
             if not data:
                 break
-            presses += data.count(b"\x03")
+            presses += self.typed.feed(data)
         return presses
 
 
@@ -85,13 +90,13 @@ class LoadingCtrlC:
     Why: the process manager MPICH forks for the workers shares our foreground process group, so a
     Ctrl-C that the terminal turns into SIGINT reaches it too, and it kills every rank at once (the head
     with SIGKILL, without a word). So the terminal sends no signals (as while generating) and a thread
-    reads Ctrl-C as a byte (other keys typed meanwhile are dropped). A press is held until `arm()` (every
-    rank has joined, so aborting the job reaches them all), then raised in the main thread as
-    KeyboardInterrupt, wherever the start-up is.
+    reads Ctrl-C as a byte; other keys typed meanwhile are kept in `keys.typed` until `hand_over()` gives
+    them to the chat's reader. A press is held until `arm()` (every rank has joined, so aborting the job
+    reaches them all), then raised in the main thread as KeyboardInterrupt, wherever the start-up is.
     """
 
     def __init__(self, fd: int):
-        self.keys = CtrlCWatcher(fd)
+        self.keys = CtrlCWatcher(fd, TypeAhead())
         self.keys.resume()
         self.pressed = False
         self._armed = self._sent = False
@@ -103,10 +108,18 @@ class LoadingCtrlC:
 
     def _read(self) -> None:
         while not self._stop.is_set():
-            if select.select([self.keys.fd], [], [], 0.05)[0] and self.keys.poll():
-                with self._lock:
-                    self.pressed = True
-                self._deliver()
+            if select.select([self.keys.fd], [], [], 0.05)[0]:
+                with self._lock:                    # (hand_over() may swap keys.typed meanwhile)
+                    pressed = self.keys.poll() > 0
+                    self.pressed = self.pressed or pressed
+                if pressed:
+                    self._deliver()
+
+    def hand_over(self, typed: TypeAhead) -> None:
+        """From now on keys typed go to `typed` (the chat reader's), with what was typed so far."""
+        with self._lock:
+            typed.absorb(self.keys.typed)
+            self.keys.typed = typed
 
     def arm(self) -> None:
         """From now on a press interrupts the main thread (one held since start-up does so at once)."""
@@ -139,13 +152,21 @@ def make_loading_ctrl_c(settings: ReaderSettings) -> LoadingCtrlC | None:
         return None
 
 
-def make_chat_ctrl_c(reader=None) -> ChatCtrlC:
+def make_chat_ctrl_c(reader=None, loading: LoadingCtrlC | None = None) -> ChatCtrlC:
     """The chat's Ctrl-C; with a terminal watcher when rank 0 reads a real terminal outside mpiexec (under
-    mpiexec, hydra owns Ctrl-C and forwards it as SIGINT)."""
+    mpiexec, hydra owns Ctrl-C and forwards it as SIGINT).
+
+    The watcher keeps other keys in the reader's `typed` (a prompt_toolkit or plain reader; with a script
+    or without a reader they are dropped). `loading` (spawn mode's start-up reader, not stopped yet)
+    hands over what was typed during the start-up, and what is typed until it stops, to the same buffer.
+    """
+    typed = reader.typed if isinstance(reader, (PlainReader, TerminalReader)) else TypeAhead()
+    if loading is not None:
+        loading.hand_over(typed)
     if launcher().started or not sys.stdin.isatty():
         return ChatCtrlC(None)
     try:
-        watcher = CtrlCWatcher(sys.stdin.fileno())
+        watcher = CtrlCWatcher(sys.stdin.fileno(), typed)
     except (OSError, ValueError, ImportError):
         return ChatCtrlC(None)
     line_reader = isinstance(reader, PlainReader)
@@ -201,8 +222,15 @@ class ChatCtrlC:
 
     @contextmanager
     def reading(self) -> Iterator[None]:
-        """Reading a turn: the terminal as the user left it; a press raises KeyboardInterrupt."""
+        """Reading a turn: the terminal as the user left it; a press raises KeyboardInterrupt.
+
+        Keys typed since the last check() are read first (into the reader's TypeAhead: left in the
+        terminal, a line reader would get them as a line of their own); a Ctrl-C among them is a press at
+        the prompt, as it would have been had it stayed in the terminal.
+        """
         self.presses = 0
+        if self.keys is not None and self.keys.poll():
+            raise KeyboardInterrupt
         self.at_prompt = True
         if self.keys is not None:
             self.keys.pause(line_reader=self.line_reader)
