@@ -191,7 +191,7 @@ def run_head(opts: ChatOptions, pipeline, prepared: Prepared, ui: Renderer, bann
     if prepared.template is not None:
         conversation = (opts.conversation_settings(prepared.prompt, prepared.reverse_prompts), prepared.template)
     session = ChatSession(opts.session_settings(), loop, pipeline, tokenizer, ui, reader, prompt=prepared.prompt,
-                          transcript=transcript, load_ms=load_ms, ctrl_c=make_chat_ctrl_c(reader),
+                          transcript=transcript, load_ms=load_ms, ctrl_c=make_chat_ctrl_c(reader, loading),
                           conversation=conversation)
     if banner:
         ui.info(banner)

@@ -191,14 +191,14 @@ def test_script_in_a_terminal_transcript_identical_on_1_and_3_ranks(tmp_path):
     assert_no_rank_left(tag)
 
 
-def test_readme_first_command_demo_chat_on_two_ranks(tmp_path):
-    stories_or_skip()
+def test_readme_first_command_demo_chat_on_two_ranks(tmp_path, smollm2_model):
     env, tag = tagged_env(tmp_path)
-    child = spawn(["--np", "2", "-i"], env)                # README: no model -> the demo model
-    before = wait_for_prompt(child, timeout=90)            # a story from BOS (bounded by the demo's -n)
-    assert "demo model: stories260K.gguf" in before and "plan: spawn, 2 ranks" in before
-    child.send("Once upon a time, a little fox\r")
-    wait_for_prompt(child, timeout=90)                     # the demo bounds each reply, then asks again
+    child = spawn(["--np", "2", "-cnv", "--temp", "0"], env)  # README: no model -> the demo model, a conversation
+    before = wait_for_prompt(child, timeout=90)
+    assert f"demo model: {smollm2_model.name}" in before and "plan: spawn, 2 ranks" in before
+    child.send("What is the capital of France?\r")
+    reply = wait_for_prompt(child, timeout=180)            # a reply (the demo bounds it), then asks again
+    assert "Paris" in reply
     child.sendcontrol("d")
     assert finish(child) == 0
     assert_no_rank_left(tag)

@@ -335,7 +335,6 @@ def test_ctrl_c_while_generating_discards_what_was_typed_before_it(tmp_path):
     assert_no_rank_left(tag)
 
 
-@pytest.mark.xfail(strict=True, reason="chat/cli.py run_head does not pass `loading` to make_chat_ctrl_c yet")
 def test_keys_typed_while_the_cluster_starts_reach_the_first_prompt(tmp_path):
     model = stories_or_skip()
     env, tag = tagged_env(tmp_path)
