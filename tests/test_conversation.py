@@ -13,6 +13,7 @@ from chat.state import Accept, Done, Eval, Print, Read, ResetHistory, UserTurn
 from core.chat_template import resolve
 from core.tokenizer import Tokenizer
 from test_cli_support import assert_no_rank_left, run_chat, tagged_env
+from test_state_support import drive as support_drive
 
 GREEDY = ["--temp", "0", "--repeat-penalty", "1", "-n", "-1", "-c", "1024"]
 
@@ -32,19 +33,7 @@ def reference(smollm2_fixtures):
 
 def drive(state: ConversationState, users: list[str | None], replies: list[tuple[list[int], str]]) -> list:
     """Answer Read with the next user line and Generate with the next (reply ids, reason)."""
-    log, reply, gen = [], None, state.run()
-    users, replies = list(users), list(replies)
-    while True:
-        try:
-            req = gen.send(reply)
-        except StopIteration:
-            return log
-        log.append(req)
-        reply = None
-        if isinstance(req, Read):
-            reply = users.pop(0)
-        elif isinstance(req, Generate):
-            reply = replies.pop(0)
+    return support_drive(state, [], users, replies=replies)
 
 
 def test_each_turn_feeds_what_llama_cli_feeds(smol, reference):

@@ -6,6 +6,7 @@ Ids: 0 <unk>, 1 <s> (BOS), 2 </s> (EOS), 3 + b for each UTF-8 byte b, plus optio
 from __future__ import annotations
 
 from chat.options import ChatOptions
+from chat.conversation import Generate
 from chat.state import Accept, ChatState, Done, Eval, Read, Sample
 
 BOS, EOS = 1, 2
@@ -51,13 +52,14 @@ def ids(text: str) -> list[int]:
     return [3 + b for b in text.encode("utf-8")]
 
 
-def drive(state: ChatState, samples: list[int], inputs: list[str | None], max_steps: int = 10_000,
-          on_request=None) -> list:
-    """Run the state machine: Sample takes the next of `samples`, Read the next of `inputs`.
+def drive(state, samples: list[int], inputs: list[str | None], max_steps: int = 10_000,
+          on_request=None, replies: list | None = None) -> list:
+    """Run a state machine (ChatState or ConversationState): Sample takes the next of `samples`, Read the
+    next of `inputs`, Generate the next of `replies` ((reply ids, reason)).
 
     Running out of samples or inputs ends the run (returns what happened so far, ending with
     the request that could not be answered)."""
-    samples, inputs = list(samples), list(inputs)
+    samples, inputs, replies = list(samples), list(inputs), list(replies or [])
     gen = state.run()
     log = []
     reply = None
@@ -78,6 +80,8 @@ def drive(state: ChatState, samples: list[int], inputs: list[str | None], max_st
             if not inputs:
                 return log
             reply = inputs.pop(0)
+        elif isinstance(req, Generate):
+            reply = replies.pop(0)
         elif isinstance(req, Done):
             return log
     raise AssertionError("state machine did not stop")
