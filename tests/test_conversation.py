@@ -9,7 +9,7 @@ import pytest
 
 from chat.conversation import ClearCache, ConversationState, Generate
 from chat.options import ConversationSettings
-from chat.state import Accept, Done, Eval, Print, Read, ResetHistory, UserTurn
+from chat.state import Accept, Done, Eval, Print, ResetHistory, UserTurn
 from core.chat_template import resolve
 from core.tokenizer import Tokenizer
 from test_cli_support import assert_no_rank_left, run_chat, tagged_env
