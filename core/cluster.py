@@ -239,6 +239,7 @@ def _raise_exit(signum: int, frame: Any) -> None:
 
 def worker_main() -> int:
     """Entry of a spawned worker (spawn mode): join the head's communicator and serve."""
+    limit_blas_threads(1)                 # as on every other rank: -t threads come from the Stage's pool
     rank = launcher().rank
     supervised = supervise(None if rank is None else rank + 1)   # merged rank: the head is 0
     t = transport.join_parent()

@@ -128,10 +128,15 @@ def test_kill_9_of_a_worker_mid_generation(tmp_path, spawn):
     proc = _start_long_run(out, spawn=spawn)
     try:
         if spawn:
-            time.sleep(2.0)
-            tree = descendants(proc.pid)
-            ranks = [p for p in tree if WORKER_MARK in cmdline(p) and WORKER_MARK in cmdline(parent_pid(p))]
+            deadline = time.monotonic() + 30                    # both spawned ranks up (slower under load)
+            while True:
+                tree = descendants(proc.pid)
+                ranks = [p for p in tree if WORKER_MARK in cmdline(p) and WORKER_MARK in cmdline(parent_pid(p))]
+                if len(ranks) >= 2 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
             assert len(ranks) == 2
+            time.sleep(1.0)                                     # well into the generation
             pid, victim = sorted(ranks, key=lambda p: int(environ(p).get("PMI_RANK", "9")))[1], 2
         else:
             pid, victim = rank_pid(str(out), 1), 1
