@@ -188,3 +188,23 @@ def test_conversation_flags_need_conversation_mode(tmp_path, smollm2_model):
     assert r.returncode == 2 and r.stderr.strip() == "error: -sys/--system-prompt needs conversation mode: add -cnv"
     r = run_chat(["-m", str(smollm2_model), "-cnv", "-ins"], env, stdin="")
     assert r.returncode == 2 and "-ins has no meaning in conversation mode" in r.stderr
+
+
+def test_a_full_context_shifts_out_old_turns_and_keeps_the_system_prompt(tmp_path, smollm2_model, reference):
+    """-c 128: the second reply reaches the end of the context. 128 positions held, the system part (24
+    tokens: "<|im_start|>system\\n...<|im_end|>\\n<|im_start|>user\\n") kept, half of the other 104 dropped."""
+    turns = reference["conversation_float32"]["turns"]
+    script = tmp_path / "turns.txt"
+    script.write_text("\n\n".join(t["user"] for t in turns) + "\n")
+    tok = Tokenizer.from_path(smollm2_model)
+    system = tok.encode("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                        "<|im_end|>\n<|im_start|>user\n", add_bos=False, parse_special=True)
+    assert len(system) == 24
+    env, tag = tagged_env(tmp_path)
+    r = run_chat(["-m", str(smollm2_model), "-cnv", "--script", str(script), *GREEDY[:4], "-c", "128", "--np", "2"],
+                 env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "context full: dropped 52 tokens of the oldest turns (the first 24 kept: the system prompt)" in r.stderr
+    assert _replies(r.stdout)[0] == turns[0]["reply"]                  # the first reply, before any shift
+    assert _replies(r.stdout)[1].startswith("I'm afraid I'm unable")   # (shared with the unshifted reply)
+    assert_no_rank_left(tag)
