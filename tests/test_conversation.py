@@ -110,7 +110,7 @@ def _replies(stdout: str) -> list[str]:
     return [t.split("\n", 1)[1].rstrip("\n") for t in turns if "\n" in t.strip("\n") and not t.startswith("/")]
 
 
-@pytest.mark.parametrize("launch", [[], ["--np", "2"]], ids=["single", "spawn"])
+@pytest.mark.parametrize("launch", [[], ["--np", "3"]], ids=["single", "spawn-3"])
 def test_script_conversation_equals_exact_float32_greedy(tmp_path, smollm2_model, reference, launch):
     want = [t["reply"] for t in reference["conversation_float32"]["turns"]]
     users = [t["user"] for t in reference["conversation_float32"]["turns"]]
@@ -180,6 +180,18 @@ def test_a_broken_template_is_one_line_and_exit_2(tmp_path, smollm2_model, templ
     assert len([x for x in lines if x.startswith("error:")]) == 1
     assert "Traceback" not in r.stderr
     assert_no_rank_left(tag)
+
+
+def test_unknown_template_name_and_a_model_without_template(tmp_path, smollm2_model, fixtures):
+    env, _ = tagged_env(tmp_path)
+    r = run_chat(["-m", str(smollm2_model), "-cnv", "--chat-template", "nosuch", "-p", "Hi"], env, stdin="")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith(
+        "error: --chat-template nosuch: not a file nor a built-in template (chatml, llama2,")
+    stories = fixtures / "models" / "stories260K.gguf"                # its GGUF has no chat template
+    r = run_chat(["-m", str(stories), "-cnv", "-p", "Hi", "-n", "4", "--temp", "0"], env, stdin="")
+    assert r.returncode == 0, r.stderr
+    assert "model has no chat template; using chatml" in r.stderr.splitlines()
 
 
 def test_conversation_flags_need_conversation_mode(tmp_path, smollm2_model):
