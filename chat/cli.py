@@ -22,7 +22,7 @@ from core.tokenizer import Tokenizer
 from .demo import INSTALL_HINT, demo_model_path
 from .options import (ChatOptions, command_line_is_valid, env_no_color, fill_prompt_vars, no_effect_reason,
                       parse_options, read_user_file)
-from .render import Renderer
+from .render import LoadBars, Renderer
 
 DEMO_N_PREDICT = 256          # the demo bounds each reply (llama.cpp's -n -1 would run on)
 EXIT_USAGE, EXIT_ERROR, EXIT_INTERRUPTED = 2, 1, 130
@@ -51,14 +51,17 @@ def resolve_demo(opts: ChatOptions) -> tuple[ChatOptions, str | None]:
 
 def start_pipeline(opts: ChatOptions, ui: Renderer, loading=None):
     """The pipeline for these options (core/cluster.py starts the ranks); None on worker ranks.
-    `loading` (an interrupts.LoadingCtrlC, or None) is armed once every rank agreed on the plan."""
+    `loading` (an interrupts.LoadingCtrlC, or None) is armed once every rank agreed on the plan; the
+    load shows its progress (render.LoadBars)."""
     from .launch import start_cluster
+    bars = LoadBars(ui)
 
     def on_plan(plan) -> None:
         ui.info(str(plan))
+        bars.plan = plan
         if loading is not None:
             loading.arm()
-    return start_cluster(opts, on_plan=on_plan)
+    return start_cluster(opts, on_plan=on_plan, watcher=bars)
 
 
 def read_prompt(opts: ChatOptions) -> str:

@@ -10,25 +10,27 @@ import socket
 import sys
 from typing import Callable
 
-from core.cluster import ClusterSettings, Plan, env_ubatch, launch_mode, start
+from core.cluster import ClusterSettings, LoadWatcher, Plan, env_ubatch, launch_mode, start
 from core.errors import UsageError
 from core.pipeline import Pipeline
 
 from .options import ChatOptions, read_user_file
 
 
-def start_cluster(opts: ChatOptions, on_plan: Callable[[Plan], None] | None = None) -> Pipeline | None:
+def start_cluster(opts: ChatOptions, on_plan: Callable[[Plan], None] | None = None,
+                  watcher: LoadWatcher | None = None) -> Pipeline | None:
     """Start the engine for these options: the head gets a Pipeline, a worker rank serves until the
     head shuts the cluster down and gets None (see core.cluster.start).
 
-    `on_plan` (optional) is called with the plan once every rank agreed and before anything loads.
+    `on_plan` (optional) is called with the plan once every rank agreed and before anything loads;
+    `watcher` (optional) follows the load on every rank.
     """
     if opts.model is None:
         raise UsageError("no model: give -m FILE")
     mode = launch_mode(opts.np)
     if mode == "spawn" and opts.hostfile:
         check_hostfile(opts.hostfile)
-    return start(cluster_settings(opts), mode, opts.np or 1, opts.hostfile, on_plan)
+    return start(cluster_settings(opts), mode, opts.np or 1, opts.hostfile, on_plan, watcher)
 
 
 def cluster_settings(opts: ChatOptions) -> ClusterSettings:

@@ -8,13 +8,16 @@ A pipe or a narrow terminal never breaks output: the stream is written soft-wrap
 from __future__ import annotations
 
 import sys
+import time
 from typing import TextIO
 
 from rich.cells import cell_len
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
+from core.cluster import Plan
 from core.partition import format_layers
 from core.pipeline import RankStats
 
@@ -124,6 +127,50 @@ class Renderer:
     def newline_if_needed(self) -> None:
         if not self.at_line_start:
             self.stream("\n")
+
+
+class LoadBars:
+    """The load's progress (core.cluster.LoadWatcher): one rich progress bar per rank on a terminal, gone
+    once every rank has loaded; elsewhere a line per rank at most every 10% and every LINE_EVERY_S (so
+    a quick load prints none)."""
+
+    LINE_EVERY_S = 1.0
+
+    def __init__(self, ui: Renderer):
+        self.ui = ui
+        self.plan: Plan | None = None             # set when every rank agreed on it (labels the bars)
+        self._progress: Progress | None = None
+        self._tasks: dict[int, TaskID] = {}
+        self._decile: dict[int, int] = {}
+        self._last_line: dict[int, float] = {}     # when each rank's last line was printed (or the load began)
+        self._t0: float | None = None
+
+    def _label(self, rank: int) -> str:
+        r = self.plan.ranks[rank] if self.plan is not None and rank < len(self.plan.ranks) else None
+        return f"rank {rank}" + (f" ({r.host}, layers {format_layers(r.layers)})" if r is not None else "")
+
+    def layers_done(self, rank: int, done: int, total: int) -> None:
+        if not self.ui.err.is_terminal:
+            now = time.monotonic()
+            self._t0 = now if self._t0 is None else self._t0
+            decile = 10 * done // max(total, 1)
+            if decile > self._decile.get(rank, 0) and now - self._last_line.get(rank, self._t0) >= self.LINE_EVERY_S:
+                self._decile[rank], self._last_line[rank] = decile, now
+                self.ui.info(f"loading: {self._label(rank)} {10 * decile}% ({done}/{total} layers)")
+            return
+        if self._progress is None:
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                      TextColumn("{task.completed}/{task.total} layers"), TimeElapsedColumn(),
+                                      console=self.ui.err, transient=True)
+            self._progress.start()
+        if rank not in self._tasks:
+            self._tasks[rank] = self._progress.add_task(f"loading {self._label(rank)}", total=total)
+        self._progress.update(self._tasks[rank], completed=done)
+
+    def loaded(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
 
 
 def stats_table(stats: list[RankStats], n_tokens: int, title: str = "per-rank stats") -> Table:

@@ -14,8 +14,9 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from . import faults, transport
 from .errors import LlamaMpiError, PipelineError, UsageError, one_line
@@ -23,6 +24,8 @@ from .loader import ModelFile, open_model
 from .model import Stage
 from .partition import format_layers, split_layers
 from .pipeline import LocalPipeline, MpiPipeline, Pipeline, serve_worker
+from .shard import TPShard, f32_bytes, share_bytes
+from .tp_group import Layout, TPContext, check_tp, stage_shards
 from .supervisor import Supervised, supervise
 from .transport import PeerFailed, launcher
 
@@ -42,6 +45,9 @@ class ClusterSettings:
     rope_freq_base: float | None = None           # RoPE overrides (None = the file's)
     rope_freq_scale: float | None = None
     ubatch: int | None = None                     # prefill micro-batch size (0 = off, None = automatic)
+    tp: int = 1                                   # ranks per stage (tensor parallelism); 1 = layer split only
+    weights: str = "native"                       # "native" or "f32" (dequantized at load; node-local)
+    local_weights: str | None = None              # --weights given on this node: a worker keeps it
 
 
 @dataclass(frozen=True)
@@ -49,10 +55,16 @@ class RankPlan:
     rank: int
     host: str
     layers: range
-    weight_bytes: int          # bytes of this rank's tensors in the file
-    kv_bytes: int              # f32 K and V for its layers at n_ctx
+    weight_bytes: int          # bytes of this rank's weights in memory: its tensors (its TP share) in the
+                               # file, or as float32 with weights "f32"
+    kv_bytes: int              # f32 K and V for its layers (its TP share's KV heads) at n_ctx
     model: str                 # the path this rank opens
     threads: int
+    stage: int = 0             # pipeline stage (= rank without --tp)
+    tp_index: int = 0          # index in the stage's TP group
+    tp_size: int = 1
+    weights: str = "native"
+    mem_available: int = 0     # the host's available memory when planned (0: unknown)
 
 
 @dataclass(frozen=True)
@@ -64,10 +76,13 @@ class Plan:
     ranks: tuple[RankPlan, ...]
 
     def __str__(self) -> str:
+        tp = max(r.tp_size for r in self.ranks)
         head = f"plan: {self.mode}, {len(self.ranks)} rank{'s' if len(self.ranks) > 1 else ''}, " \
-               f"{self.n_layer} layers, n_ctx {self.n_ctx}"
-        rows = [f"  rank {r.rank}  {r.host:<16} layers {format_layers(r.layers):<7} "
-                f"weights {_mib(r.weight_bytes)}  KV {_mib(r.kv_bytes)}  threads {r.threads}" for r in self.ranks]
+               f"{self.n_layer} layers, n_ctx {self.n_ctx}" + \
+               (f", {len(self.ranks) // tp} stage(s) of --tp {tp}" if tp > 1 else "")
+        rows = [f"  rank {r.rank}  {r.host:<16} " + (f"stage {r.stage} TP {r.tp_index}/{r.tp_size}  " if tp > 1 else "")
+                + f"layers {format_layers(r.layers):<7} weights{' f32' if r.weights == 'f32' else ''} "
+                f"{_mib(r.weight_bytes)}  KV {_mib(r.kv_bytes)}  threads {r.threads}" for r in self.ranks]
         return "\n".join([head] + rows)
 
 
@@ -92,8 +107,15 @@ def launch_mode(n_ranks: int | None) -> str:
     return "single"
 
 
+class LoadWatcher(Protocol):
+    """(head) told how far each rank's load is: layers repacked out of its share, then that all are done."""
+
+    def layers_done(self, rank: int, done: int, total: int) -> None: ...
+    def loaded(self) -> None: ...
+
+
 def start(settings: ClusterSettings, mode: str, n_ranks: int = 1, hostfile: str | None = None,
-          on_plan: Callable[[Plan], None] | None = None) -> Pipeline | None:
+          on_plan: Callable[[Plan], None] | None = None, watcher: LoadWatcher | None = None) -> Pipeline | None:
     """Make this process a rank of the engine. The head gets its Pipeline (with the `plan` every rank
     agreed on); a worker serves until the head shuts the cluster down and returns None (its caller exits
     0: after a failure the head's status is the job's, or the head has aborted the job).
@@ -104,12 +126,13 @@ def start(settings: ClusterSettings, mode: str, n_ranks: int = 1, hostfile: str 
         n_ranks: spawn mode: the ranks to run, the head included.
         hostfile: spawn mode: the hosts of the spawned workers (checked by the caller).
         on_plan: called with the plan once every rank agreed, before anything loads.
+        watcher: (head) the load's progress on every rank; `loaded()` comes before start returns or raises.
     """
     # Ranks may share a host, so -t threads come from each Stage's own pool, never from BLAS; the same
     # in one process, so that a single-process run and a cluster run compute bit-identical logits.
     limit_blas_threads(1)
     if mode == "single":
-        return _start_single(settings, on_plan)
+        return _start_single(settings, on_plan, watcher)
     supervised = None
     if mode == "mpiexec" and launcher().is_worker:
         supervised = supervise(launcher().rank)          # returns in the child, which becomes the MPI rank
@@ -122,12 +145,13 @@ def start(settings: ClusterSettings, mode: str, n_ranks: int = 1, hostfile: str 
         _serve(t, supervised, settings.model, settings.local_threads)
         return None            # exit 0 even after a failure: the head's status is the job's (hydra
                                # kills the ranks still finalizing when one exits non-zero)
-    return _head(t, settings, mode, on_plan)
+    return _head(t, settings, mode, on_plan, watcher)
 
 
 # ---- single process ------------------------------------------------------------------------------
 
-def _start_single(settings: ClusterSettings, on_plan: Callable[[Plan], None] | None) -> Pipeline:
+def _start_single(settings: ClusterSettings, on_plan: Callable[[Plan], None] | None,
+                  watcher: LoadWatcher | None) -> Pipeline:
     model = open_model(settings.model).with_rope(settings.rope_freq_base, settings.rope_freq_scale)
     n_ctx = settings.n_ctx or model.config.n_ctx_train
     layers = split_layers(model.config.n_layer, 1, settings.layer_split)
@@ -135,8 +159,13 @@ def _start_single(settings: ClusterSettings, on_plan: Callable[[Plan], None] | N
                 (rank_plan(model, 0, os.uname().nodename, layers[0], n_ctx, settings.model, settings.threads),))
     if on_plan:
         on_plan(plan)
-    return LocalPipeline(Stage(model, layers[0], embed=True, head=True, n_ctx=n_ctx, threads=settings.threads),
-                         plan)
+    try:
+        stage = Stage(model, layers[0], embed=True, head=True, n_ctx=n_ctx, threads=settings.threads,
+                      progress=None if watcher is None else partial(watcher.layers_done, 0))
+    finally:
+        if watcher is not None:
+            watcher.loaded()
+    return LocalPipeline(stage, plan)
 
 
 # ---- the head ------------------------------------------------------------------------------------
@@ -159,10 +188,11 @@ class _AbortAtExit:
             self.t.abort_job(self.code)
 
 
-def _head(t: Any, settings: ClusterSettings, mode: str, on_plan: Callable[[Plan], None] | None) -> MpiPipeline:
+def _head(t: Any, settings: ClusterSettings, mode: str, on_plan: Callable[[Plan], None] | None,
+          watcher: LoadWatcher | None) -> MpiPipeline:
     guard = _AbortAtExit(t)
     try:
-        pipe = _head_setup(t, settings, mode, on_plan, guard)
+        pipe = _head_setup(t, settings, mode, on_plan, guard, watcher)
     except PeerFailed as exc:                             # a worker died or failed during start-up
         peer = t.peers[exc.rank] if exc.rank < len(t.peers) else None
         raise PipelineError(f"rank {exc.rank} ({peer.host if peer else '?'}) failed during start-up: "
@@ -176,7 +206,7 @@ def _head(t: Any, settings: ClusterSettings, mode: str, on_plan: Callable[[Plan]
 
 
 def _head_setup(t: Any, settings: ClusterSettings, mode: str, on_plan: Callable[[Plan], None] | None,
-                guard: _AbortAtExit) -> MpiPipeline:
+                guard: _AbortAtExit, watcher: LoadWatcher | None) -> MpiPipeline:
     try:
         model = open_model(settings.model).with_rope(settings.rope_freq_base, settings.rope_freq_scale)
         n_ctx = settings.n_ctx or model.config.n_ctx_train
@@ -196,16 +226,46 @@ def _head_setup(t: Any, settings: ClusterSettings, mode: str, on_plan: Callable[
     if on_plan:
         on_plan(plan)
     stage, error = None, None
+    progress = _ProgressRelay(t, watcher)
     try:
-        stage = Stage(model, layers[0], embed=True, head=True, n_ctx=n_ctx, threads=settings.threads)
-    except Exception as exc:                              # noqa: BLE001 - reported like a worker's
-        error = one_line(exc)
-    reports = t.gather_obj({"plan": mine, "error": error})
+        try:
+            stage = Stage(model, layers[0], embed=True, head=True, n_ctx=n_ctx, threads=settings.threads,
+                          progress=progress.head)
+        except Exception as exc:                          # noqa: BLE001 - reported like a worker's
+            error = one_line(exc)
+        reports = t.gather_obj({"plan": mine, "error": error})   # workers' progress relayed meanwhile
+    finally:
+        progress.close()
     _verdict(t, reports, layers, guard)
     t, stage = faults.inject(t, stage)
     pipe = MpiPipeline(t, stage, layers, plan, ubatch=settings.ubatch)
     _head_signals()
     return pipe
+
+
+class _ProgressRelay:
+    """(head, while every rank loads) its own progress and the workers' progress messages to the watcher;
+    the messages are drained even without a watcher."""
+
+    def __init__(self, t: Any, watcher: LoadWatcher | None):
+        self.t, self.watcher = t, watcher
+        t.while_waiting = self.drain
+
+    def head(self, done: int, total: int) -> None:
+        if self.watcher is not None:
+            self.watcher.layers_done(0, done, total)
+        self.drain()
+
+    def drain(self) -> None:
+        for rank, done, total in self.t.poll_progress():
+            if self.watcher is not None:
+                self.watcher.layers_done(rank, done, total)
+
+    def close(self) -> None:
+        self.t.while_waiting = None
+        self.drain()
+        if self.watcher is not None:
+            self.watcher.loaded()
 
 
 def _verdict(t: Any, reports: list[dict], layers: list[range], guard: _AbortAtExit) -> None:
@@ -299,9 +359,11 @@ def _worker(t: Any, local_model: str | None, local_threads: int | None) -> int:
         return 1
     stage, error = None, None
     try:
-        stage = Stage(model, layers, embed=False, head=False, n_ctx=n_ctx, threads=threads)
+        stage = Stage(model, layers, embed=False, head=False, n_ctx=n_ctx, threads=threads,
+                      progress=t.send_progress)
     except Exception as exc:                              # noqa: BLE001 - reported to the head
         error = one_line(exc)
+    t.finish_progress()
     t.gather_obj({"plan": mine, "error": error})
     if t.bcast_obj() != "go":
         t.close()

@@ -8,6 +8,7 @@ know about MPI, tokenizers or sampling; core/pipeline.py chains stages across ra
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
@@ -29,6 +30,21 @@ def check_token_ids(tokens, n_vocab: int) -> np.ndarray:
     if bad.size:
         raise TokenizerError(f"token id {int(bad[0])} is out of range [0, {n_vocab})")
     return ids
+
+
+WEIGHT_KINDS = ("native", "f32")     # Stage(weights=...): how matrices are held (--weights)
+F32_CHUNK_ROWS = 512                  # rows dequantized at a time (bounds the temporaries)
+
+
+def dequantize_rows(qtype: QT, data: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A matrix's data (rows of blocks or floats, possibly a strided column slice) -> (n_out, n_in) f32,
+    exactly gguf's dequantize, a chunk of rows at a time (no temporary of the whole matrix)."""
+    n_out, n_in = shape
+    raw = np.asarray(data).view(np.uint8).reshape(n_out, -1)          # (n_out, row bytes)
+    out = np.empty((n_out, n_in), dtype=np.float32)
+    for a in range(0, n_out, F32_CHUNK_ROWS):
+        out[a:a + F32_CHUNK_ROWS] = dequantize(np.ascontiguousarray(raw[a:a + F32_CHUNK_ROWS]), qtype)
+    return out
 
 
 @dataclass
@@ -61,11 +77,19 @@ class Stage:
         allreduce: with a shard of a group of 2 or more, called exactly twice per layer (after attn_output
             and after ffn_down) with this rank's partial (T, n_embd) f32 (a fresh array it may reduce in
             place); returns the group's sum, bitwise the same on every rank.
+        progress: called with (layers repacked, layers) as the load goes (cheap: once per layer).
+        weights: "native" keeps each matrix in its file type (repacked); "f32" dequantizes the matrices this
+            stage multiplies by (layers, output head) once at load and multiplies with BLAS: about 2x faster
+            per token for 4-8x the memory of a quantized file (the embedding stays as it is).
     """
 
     def __init__(self, model: ModelFile, layers: range, *, embed: bool, head: bool, n_ctx: int,
-                 threads: int = 1, shard: TPShard | None = None, allreduce: Allreduce | None = None):
+                 threads: int = 1, shard: TPShard | None = None, allreduce: Allreduce | None = None,
+                 progress: Callable[[int, int], None] | None = None, weights: str = "native"):
         cfg = model.config
+        if weights not in WEIGHT_KINDS:
+            raise ValueError(f"weights must be one of {', '.join(WEIGHT_KINDS)}, got {weights!r}")
+        self.weights = weights
         if layers.step != 1 or not 0 <= layers.start <= layers.stop <= cfg.n_layer:
             raise ValueError(f"layer range {layers} is not a slice of the model's {cfg.n_layer} layers")
         if shard is not None and shard.size > 1 and allreduce is None:
@@ -76,7 +100,8 @@ class Stage:
         self._pool = TilePool(threads) if threads > 1 else None
         if shard is None:
             tied_head = head and cfg.tied_output
-            self.token_embd = self._matrix("token_embd.weight") if embed or tied_head else None
+            self.token_embd = (self._matrix("token_embd.weight", product=tied_head) if embed or tied_head
+                               else None)
         else:
             self.token_embd = MappedEmbedding(model.tensor("token_embd.weight")) if embed else None
         self.output_norm = self._vector("output_norm.weight") if head else None
@@ -88,7 +113,11 @@ class Stage:
             self.output = None
         names = [f"blk.{i}.{f}.weight" for i in layers for f in Block.__dataclass_fields__ if not f.endswith("norm")]
         repack = self._pool.map if self._pool is not None else map     # repacking releases the GIL often
-        matrices = dict(zip(names, repack(self._matrix, names)))
+        matrices, per_layer = {}, max(1, len(names) // max(1, len(layers)))
+        for k, (name, q) in enumerate(zip(names, repack(self._matrix, names)), start=1):
+            matrices[name] = q
+            if progress is not None and k % per_layer == 0:
+                progress(k // per_layer, len(layers))                    # layers repacked so far
         self.blocks = [self._block(i, matrices) for i in layers]
         self.freq_factors = (self._vector("rope_freqs.weight")
                              if self.blocks and model.has("rope_freqs.weight") else None)
@@ -96,13 +125,18 @@ class Stage:
         self.cache = KVCache(len(self.blocks), n_ctx, n_kv, cfg.head_dim)
 
     # ---- loading -------------------------------------------------------------------------------
-    def _matrix(self, name: str) -> QTensor:
+    def _matrix(self, name: str, product: bool = True) -> QTensor:
+        """A matrix this stage holds (its shard's slice); `product`: it is multiplied by (weights "f32"
+        then dequantizes it), not only looked up."""
         t = self.model.tensor(name)
         shape = (int(t.shape[1]), int(t.shape[0]))                      # GGUF dims reversed: (n_out, n_in)
         data = t.data
         if self.shard is not None:                                       # whole rows / whole blocks
             data, shape = slice_tensor(t.tensor_type, data, shape, *self.shard.share(name))
-        q = make_qtensor(t.tensor_type, data, shape)
+        if self.weights == "f32" and product and t.tensor_type != QT.F32:
+            q = make_qtensor(QT.F32, dequantize_rows(t.tensor_type, data, shape), shape)
+        else:
+            q = make_qtensor(t.tensor_type, data, shape)
         self.model.release(name)                                         # repacked: drop the mapped pages
         return q
 

@@ -24,6 +24,7 @@ from .notice import NoticeBoard
 
 # Message tags (one per channel, so the channels never match each other's receives).
 TAG_CTRL, TAG_DATA, TAG_REPORT, TAG_OBJ_LEN, TAG_OBJ = 11, 12, 13, 14, 15
+TAG_PROGRESS = 16             # a worker's load progress: int64 [layers done, layers]
 REPORT_BYTES = 4096          # a failure report is one pickled record padded to this size
 POLL_MIN_S = 20e-6           # first sleep of a wait; doubles each poll ...
 POLL_MAX_S = 0.002           # ... up to this while the wait is young (latency ~ this per hop)
@@ -116,6 +117,8 @@ class Transport:
         self.host = socket.gethostname()
         self.peers: list[Peer] = [Peer(self.rank, self.host, os.getpid())]
         self.wait_s = 0.0                    # time spent waiting on peers (for stats)
+        self.while_waiting: Callable[[], None] | None = None   # called on each poll of a wait (load progress)
+        self._progress: list[tuple[np.ndarray, Any]] = []        # progress sends in flight (worker)
         self._frame = np.zeros(FRAME_LEN, dtype=np.int64)   # worker: the next control frame lands here
         self._ctrl_req = None                # worker: pending control receive
         self._stash: list[tuple[Message, int]] = []         # worker: control frames that arrived early
@@ -158,6 +161,8 @@ class Transport:
         delay = POLL_MIN_S
         while True:
             self._watch()
+            if self.while_waiting is not None:
+                self.while_waiting()
             if done():
                 break
             time.sleep(delay)
@@ -268,6 +273,28 @@ class Transport:
             if not req.Test():
                 req.Cancel()
                 req.Wait()
+
+    # ---- load progress (worker -> head, never waited for by the head) ----------------------------
+    def send_progress(self, done: int, total: int) -> None:
+        """(worker) tell the head how far its load is; returns at once (finish_progress completes)."""
+        msg = np.array([done, total], dtype=np.int64)
+        self._progress.append((msg, self.comm.Isend([msg, self._mpi_int64()], dest=0, tag=TAG_PROGRESS)))
+
+    def finish_progress(self) -> None:
+        """(worker) complete the progress sends (they are small: already delivered or buffered)."""
+        for _, req in self._progress:
+            self.wait(req)
+        self._progress.clear()
+
+    def poll_progress(self) -> list[tuple[int, int, int]]:
+        """(head) the progress messages that have arrived, as (rank, done, total); never blocks."""
+        MPI, out = self._mpi(), []
+        status = MPI.Status()
+        while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=TAG_PROGRESS, status=status):
+            msg = np.empty(2, dtype=np.int64)
+            self.comm.Recv([msg, self._mpi_int64()], source=status.Get_source(), tag=TAG_PROGRESS)
+            out.append((status.Get_source(), int(msg[0]), int(msg[1])))
+        return out
 
     # ---- small records (setup, stats) ------------------------------------------------------------
     def send_obj(self, obj: Any, dest: int) -> None:
@@ -416,3 +443,87 @@ def join_parent() -> Transport | None:
     if parent == MPI.COMM_NULL:
         return None
     return Transport(parent.Merge(high=True), intercomm=parent)
+
+
+# ---- tensor-parallel groups -----------------------------------------------------------------------
+
+TAG_GROUP_DATA, TAG_GROUP_SUM = 21, 22   # on a group's own communicator
+GROUP_SPIN_S = float(os.environ.get("LLAMA_MPI_GROUP_SPIN_S", "0.001"))   # see Group.wait
+ALLREDUCE_ENV = "LLAMA_MPI_ALLREDUCE"     # "p2p" (default) or "mpi": how Group.allreduce_sum moves the data
+
+
+def split_group(t: Transport, color: int) -> Group:
+    """(collective over t's communicator, every rank at the same point of start-up) the ranks of one
+    colour, in world order, as a Group: one pipeline stage's tensor-parallel ranks."""
+    return Group(t.comm.Split(color, t.rank), t)
+
+
+class Group:
+    """The ranks of one tensor-parallel group (one pipeline stage) on their own communicator: point to point
+    messages, a sum of every rank's partial, and waits that watch for failures through the owning Transport.
+
+    A wait first spins for GROUP_SPIN_S, testing and calling sched_yield in between (a peer on the same core
+    gets it, so 4 ranks on 2 cores still progress), then sleep-polls as every other wait does: inside a step
+    the peers arrive within micro- to milliseconds and a sleep would cost ~60 us per all-reduce (two per
+    layer); a rank that waits longer (idle, or a slow stage before it) sleeps.
+    """
+
+    def __init__(self, comm: Any, owner: Transport, method: str | None = None):
+        self.comm, self.owner = comm, owner
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.method = method or os.environ.get(ALLREDUCE_ENV, "p2p")
+        if self.method not in ("p2p", "mpi"):
+            raise ValueError(f"{ALLREDUCE_ENV}={self.method}: expected p2p or mpi")
+        self.bytes_sent = 0                  # by allreduce_sum, for per-rank stats
+        self._parts: np.ndarray | None = None
+
+    def wait(self, req: Any) -> None:
+        if req.Test():
+            return
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < GROUP_SPIN_S:
+            os.sched_yield()
+            if req.Test():
+                self.owner.wait_s += time.monotonic() - t0
+                return
+        self.owner.wait_s += time.monotonic() - t0
+        self.owner._poll_until(req.Test)
+
+    def isend(self, arr: np.ndarray, dest: int, tag: int = TAG_GROUP_DATA) -> Any:
+        """Start sending a contiguous float32 array to group rank `dest` (keep it alive until waited)."""
+        return self.comm.Isend([arr, mpi().FLOAT], dest=dest, tag=tag)
+
+    def irecv_into(self, buf: np.ndarray, source: int, tag: int = TAG_GROUP_DATA) -> Any:
+        """Post a receive of a float32 array of exactly buf's shape from group rank `source`."""
+        return self.comm.Irecv([buf, mpi().FLOAT], source=source, tag=tag)
+
+    def allreduce_sum(self, partial: np.ndarray) -> np.ndarray:
+        """The group's sum of every rank's (T, n) float32 partial, bitwise the same on every rank.
+
+        "p2p": every rank sends its partial to every other one and adds them up in group rank order (the
+        same additions everywhere); "mpi": MPI_Iallreduce in place (MPICH's result is the same on every
+        rank, its order is MPICH's). Both waited as `wait` does; `partial` may be overwritten."""
+        x = np.ascontiguousarray(partial, dtype=np.float32)
+        if self.size == 1:
+            return x
+        self.bytes_sent += x.nbytes * (self.size - 1)
+        if self.method == "mpi":
+            MPI = mpi()
+            self.wait(self.comm.Iallreduce(MPI.IN_PLACE, [x, MPI.FLOAT], op=MPI.SUM))
+            return x
+        if self._parts is None or self._parts.shape[1:] != x.shape:
+            self._parts = np.empty((self.size, *x.shape), dtype=np.float32)
+        others = [r for r in range(self.size) if r != self.rank]
+        reqs = [self.irecv_into(self._parts[r], r, TAG_GROUP_SUM) for r in others]
+        reqs += [self.isend(x, r, TAG_GROUP_SUM) for r in others]
+        try:
+            for req in reqs:
+                self.wait(req)
+        except BaseException:
+            self.owner.cancel(reqs[:len(others)])
+            raise
+        terms = [x if r == self.rank else self._parts[r] for r in range(self.size)]
+        total = terms[0] + terms[1]
+        for term in terms[2:]:
+            total += term
+        return total

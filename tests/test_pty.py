@@ -263,3 +263,23 @@ def test_spawn_plain_line_reader_on_a_terminal_keeps_ctrl_c_from_the_process_man
     assert "Sending Ctrl-C" not in child.before
     assert finish(child) == 130
     assert_no_rank_left(tag)
+
+
+def test_load_progress_bars_show_during_a_multi_rank_load_and_are_gone_at_the_prompt(tmp_path, smollm2_model):
+    """A terminal sees one bar per rank while the ranks repack their layers; at the first prompt the
+    screen (a VT100 emulator fed the whole output) no longer shows them."""
+    pyte = pytest.importorskip("pyte")
+    env, tag = tagged_env(tmp_path)
+    child = spawn(["-m", str(smollm2_model), "--np", "2", "-cnv"], env)
+    before = wait_for_prompt(child, timeout=120)
+    assert re.search(r"loading rank 0 \(\S+, layers 0-14\)", before)
+    assert re.search(r"loading rank 1 \(\S+, layers 15-29\)", before)
+    assert "15/15 layers" in before                                     # the bars reached the end
+    screen = pyte.Screen(120, 40)
+    pyte.Stream(screen).feed(before)
+    shown = "\n".join(screen.display)
+    assert "plan: spawn, 2 ranks" in shown and "conversation mode" in shown
+    assert "loading rank" not in shown and "layers " not in shown.split("conversation mode")[1]
+    child.sendcontrol("d")
+    assert finish(child) == 0
+    assert_no_rank_left(tag)
