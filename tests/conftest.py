@@ -7,6 +7,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# BLAS on one thread in the test process, as every rank of the engine runs it (core.cluster caps it at
+# start-up): results then do not depend on whether an earlier test started a cluster in-process.
+from core.cluster import limit_blas_threads  # noqa: E402
+
+limit_blas_threads(1)
 FIXTURES = REPO.parent / "shared" / "fixtures"
 
 

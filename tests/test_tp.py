@@ -188,7 +188,9 @@ def test_mqa_head_dim_128_matches(mqa_models, qtype, size):
 def test_smollm2_two_ranks_match(smollm2_model):
     """SmolLM2-135M: 9 heads / 3 KV heads, Q4_1, LM head tied to a Q8_0 token_embd (split by vocab rows)."""
     m = open_model(smollm2_model)
-    tp = check_same(m, 2, prompt=[1, 4093, 314, 253, 1345, 5718], n_new=3)
+    # 30 layers of float32: with BLAS on one thread, as every rank of the engine runs it, the max logit
+    # difference is 1.3e-4 (the unsharded stage's own batch-vs-step difference on this prompt is 8.4e-5)
+    tp = check_same(m, 2, prompt=[1, 4093, 314, 253, 1345, 5718], n_new=3, atol=2e-4)
     assert tp.stages[0].output.qtype.name == "Q8_0" and tp.stages[0].output.shape == (24576, 576)
     tp.close()
 
