@@ -219,7 +219,7 @@ def test_watcher_keeps_keys_and_reading_takes_the_last_ones_first():
 
 pexpect = pytest.importorskip("pexpect")
 
-from test_cli_support import PROMPTS, assert_no_rank_left, stories_or_skip, tagged_env  # noqa: E402
+from test_cli_support import assert_no_rank_left, stories_or_skip, tagged_env  # noqa: E402
 from test_pty import finish, read_for, spawn, wait_for_prompt  # noqa: E402
 
 LONG = ["-n", "500", "--ignore-eos", "--temp", "0"]       # a turn takes a few seconds on stories260K
@@ -229,6 +229,26 @@ def user_turns(md: Path) -> list[str]:
     """The user turns of a --transcript file, as typed (one trailing newline removed)."""
     return [m.group(2) for m in re.finditer(r"### Turn \d+\n\nUser:\n\n(`{3,})text\n(.*?)\n\1",
                                             md.read_text(), re.S)]
+
+
+def start_chat(tmp_path: Path, *args: str):
+    """The chat on stories260K in a terminal, with a transcript: (child, transcript path, process tag)."""
+    env, tag = tagged_env(tmp_path)
+    md = tmp_path / "t.md"
+    return spawn(["-m", stories_or_skip(), *args, "--transcript", str(md)], env), md, tag
+
+
+def end_chat(child, md: Path, tag: str, eof: str = "d") -> list[str]:
+    """Ctrl-D at the prompt (or end of input on the plain path): exit 0, no rank left; the user turns."""
+    if eof == "d":
+        wait_for_prompt(child)
+        child.sendcontrol("d")
+    else:
+        wait_quiet(child)
+        child.sendeof()
+    assert finish(child) == 0
+    assert_no_rank_left(tag)
+    return user_turns(md)
 
 
 def typed_while_generating(child, keys: bytes | list[bytes]) -> str:
@@ -254,100 +274,56 @@ def wait_quiet(child, quiet: float = 1.5, timeout: float = 60) -> str:
 
 
 def test_prompt_toolkit_keeps_what_was_typed_while_generating(tmp_path):
-    model = stories_or_skip()
-    env, tag = tagged_env(tmp_path)
-    md = tmp_path / "t.md"
-    child = spawn(["-m", model, "-i", "-p", "Once upon a time", *LONG, "--transcript", str(md)], env)
+    child, md, tag = start_chat(tmp_path, "-i", "-p", "Once upon a time", *LONG)
     screen = typed_while_generating(child, b"zebra")
     assert len(screen) > 200, screen                       # the model went on after the keys
     shown = read_for(child, 0.5)
     assert "zebra" in shown                                # pre-filled at the prompt
     child.send(" crossing\r")
-    wait_for_prompt(child)
-    child.sendcontrol("d")
-    assert finish(child) == 0
-    assert user_turns(md) == ["zebra crossing"]
-    assert_no_rank_left(tag)
+    assert end_chat(child, md, tag) == ["zebra crossing"]
 
 
 def test_plain_reader_keeps_what_was_typed_while_generating(tmp_path):
-    model = stories_or_skip()
-    env, tag = tagged_env(tmp_path)
-    md = tmp_path / "t.md"
-    child = spawn(["-m", model, "--simple-io", "-i", "-p", "Once upon a time", *LONG, "--transcript", str(md)],
-                  env)
+    child, md, tag = start_chat(tmp_path, "--simple-io", "-i", "-p", "Once upon a time", *LONG)
     child.expect_exact("Once upon a time")
     read_for(child, 0.2)
     child.send("zebra")
     child.expect_exact("zebra", timeout=60)                # not echoed while generating: shown at the prompt
     assert len(child.before.split("Once upon a time", 1)[-1]) > 200
     child.send(" crossing\r")
-    wait_quiet(child)
-    child.sendeof()
-    assert finish(child) == 0
-    assert user_turns(md) == ["zebra crossing"]
-    assert_no_rank_left(tag)
+    assert end_chat(child, md, tag, eof="eof") == ["zebra crossing"]
 
 
 def test_whole_lines_typed_ahead_are_sent_in_order(tmp_path):
-    model = stories_or_skip()
-    env, tag = tagged_env(tmp_path)
-    md = tmp_path / "t.md"
-    child = spawn(["-m", model, "-i", "-p", "Once upon a time", *LONG, "--transcript", str(md)], env)
+    child, md, tag = start_chat(tmp_path, "-i", "-p", "Once upon a time", *LONG)
     typed_while_generating(child, b"the cat\\\nsat\rzeb")  # a turn of two lines, then a line begun
     wait_for_prompt(child)                                  # the turn was sent; the model answered it
     child.send("ra crossing\r")
-    wait_for_prompt(child)
-    child.sendcontrol("d")
-    assert finish(child) == 0
-    assert user_turns(md) == ["the cat\nsat", "zebra crossing"]
-    assert_no_rank_left(tag)
+    assert end_chat(child, md, tag) == ["the cat\nsat", "zebra crossing"]
 
 
 def test_multibyte_characters_and_arrow_keys_typed_ahead(tmp_path):
-    model = stories_or_skip()
-    env, tag = tagged_env(tmp_path)
-    md = tmp_path / "t.md"
-    child = spawn(["-m", model, "-i", "-p", "Once upon a time", *LONG, "--transcript", str(md)], env)
+    child, md, tag = start_chat(tmp_path, "-i", "-p", "Once upon a time", *LONG)
     typed_while_generating(child, [b"caf\xc3", b"\xa9\x1b[D\x1b", b"[D"])   # split é; two left arrows, dropped
     child.send(" crossing\r")
-    wait_for_prompt(child)
-    child.sendcontrol("d")
-    assert finish(child) == 0
-    assert user_turns(md) == ["caf\u00e9 crossing"]
-    assert_no_rank_left(tag)
+    assert end_chat(child, md, tag) == ["caf\u00e9 crossing"]
 
 
 def test_ctrl_c_while_generating_discards_what_was_typed_before_it(tmp_path):
-    model = stories_or_skip()
-    env, tag = tagged_env(tmp_path)
-    md = tmp_path / "t.md"
-    child = spawn(["-m", model, "-i", "-p", "Once upon a time", "-n", "-1", "--ignore-eos", "-c", "4096",
-                   "--temp", "0", "--transcript", str(md)], env)
+    child, md, tag = start_chat(tmp_path, "-i", "-p", "Once upon a time", "-n", "-1", "--ignore-eos", "-c", "4096",
+                                "--temp", "0")
     typed_while_generating(child, [b"zebra", b"\x03cro"])   # kept: only what follows the press
     child.send("ssing\r")
     read_for(child, 1.0)
     child.sendintr()
-    wait_for_prompt(child)
-    child.sendcontrol("d")
-    assert finish(child) == 0
-    assert user_turns(md) == ["crossing"]
-    assert_no_rank_left(tag)
+    assert end_chat(child, md, tag) == ["crossing"]
 
 
 def test_keys_typed_while_the_cluster_starts_reach_the_first_prompt(tmp_path):
-    model = stories_or_skip()
-    env, tag = tagged_env(tmp_path)
-    md = tmp_path / "t.md"
-    child = spawn(["-m", model, "--np", "2", "--interactive-first", "-p", "Once", "-n", "16", "--temp", "0",
-                   "--transcript", str(md)], env)
+    child, md, tag = start_chat(tmp_path, "--np", "2", "--interactive-first", "-p", "Once", "-n", "16", "--temp", "0")
     time.sleep(0.3)                                         # (python starting; the start-up reader soon)
     child.send("zebra")
     shown = wait_for_prompt(child) + read_for(child, 0.5)
     assert "zebra" in shown
     child.send(" crossing\r")
-    wait_for_prompt(child)
-    child.sendcontrol("d")
-    assert finish(child) == 0
-    assert user_turns(md) == ["zebra crossing"]
-    assert_no_rank_left(tag)
+    assert end_chat(child, md, tag) == ["zebra crossing"]
