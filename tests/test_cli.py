@@ -114,20 +114,25 @@ def _script(tmp_path, turns: list[str]) -> str:
     return str(path)
 
 
+def _on_ranks(tmp_path, env: dict, ranks: tuple[int, ...], args: list[str]) -> list[tuple[str, str]]:
+    """The same chat run in one process and in spawn mode on each rank count: (stdout, transcript) each."""
+    outs = []
+    for n in ranks:
+        out = tmp_path / f"t{n}.md"
+        r = run_chat(args + ["--transcript", str(out)] + (["--np", str(n)] if n > 1 else []), env, timeout=180)
+        assert r.returncode == 0, r.stderr
+        outs.append((r.stdout, out.read_text()))
+    return outs
+
+
 def test_script_replay_transcript_identical_on_1_and_3_ranks(tmp_path):
     model = stories_or_skip()
     env, tag = tagged_env(tmp_path)
     script = _script(tmp_path, ["Tell me a story about a cat.", "What did the cat eat?\\\nAnd then?",
                                 "/stats", "Thank you, Bob."])
-    outs = {}
-    for n in (1, 3):
-        out = tmp_path / f"t{n}.md"
-        args = ["-m", model, "-f", str(PROMPTS / "chat-with-bob.txt"), "-r", "User:", "-n", "40",
-                "--temp", "0", "--script", script, "--transcript", str(out)] + (["--np", str(n)] if n > 1 else [])
-        r = run_chat(args, env, timeout=180)
-        assert r.returncode == 0, r.stderr
-        outs[n] = (r.stdout, out.read_text())
-    (out1, md1), (out3, md3) = outs[1], outs[3]
+    args = ["-m", model, "-f", str(PROMPTS / "chat-with-bob.txt"), "-r", "User:", "-n", "40", "--temp", "0",
+            "--script", script]
+    (out1, md1), (out3, md3) = _on_ranks(tmp_path, env, (1, 3), args)
     assert conversation_part(md1) == conversation_part(md3)
     assert "Tell me a story about a cat.\n" in out1 and "What did the cat eat?\nAnd then?\n" in out1
     assert md1.count("### Turn") == 3                   # /stats is a command, not a turn
@@ -140,16 +145,11 @@ def test_context_shift_in_the_repl_identical_on_1_and_2_ranks(tmp_path):
     env, tag = tagged_env(tmp_path)
     script = _script(tmp_path, ["Once upon a time there was a dog.", "The dog ran to the park.",
                                 "Then it started to rain.", "The end."])
-    mds = {}
-    for n in (1, 2):
-        out = tmp_path / f"shift{n}.md"
-        args = ["-m", model, "-p", "A story:", "-c", "64", "--keep", "-1", "-n", "48", "--ignore-eos",
-                "--temp", "0", "--script", script, "--transcript", str(out)] + (["--np", "2"] if n == 2 else [])
-        r = run_chat(args, env, timeout=180)
-        assert r.returncode == 0, r.stderr
-        mds[n] = out.read_text()
-    assert conversation_part(mds[1]) == conversation_part(mds[2])
-    run = mds[1].split("## Run")[1]
+    args = ["-m", model, "-p", "A story:", "-c", "64", "--keep", "-1", "-n", "48", "--ignore-eos", "--temp", "0",
+            "--script", script]
+    (_, md1), (_, md2) = _on_ranks(tmp_path, env, (1, 2), args)
+    assert conversation_part(md1) == conversation_part(md2)
+    run = md1.split("## Run")[1]
     shifts = int(run.split("- context shifts: ")[1].split("\n")[0])
     assert shifts >= 3                                  # 4 turns x (~10 + 48) tokens through a 64-token window
     assert_no_rank_left(tag)
