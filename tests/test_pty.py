@@ -31,6 +31,18 @@ def spawn(args: list[str], env: dict, mpiexec_n: int | None = None, timeout: flo
     return child
 
 
+def start(tmp_path, args: list[str], mpiexec_n: int | None = None):
+    """The chat on stories260K (-m given here) in a terminal: (child, the process tag)."""
+    env, tag = tagged_env(tmp_path)
+    return spawn(["-m", stories_or_skip(), *args], env, mpiexec_n=mpiexec_n), tag
+
+
+def ends(child, tag: str, status: int = 0) -> None:
+    """The chat ended with `status` and no process of the job is left."""
+    assert finish(child) == status
+    assert_no_rank_left(tag)
+
+
 def wait_for_prompt(child, timeout: float = 60) -> str:
     """Everything printed until prompt_toolkit shows its prompt; answers CPR requests meanwhile."""
     seen = []
@@ -104,14 +116,11 @@ def test_spawn_terminal_turn_colour_ctrl_c_and_ctrl_d(tmp_path):
 
 
 def test_spawn_ctrl_c_at_the_prompt_exits_130_with_timings(tmp_path):
-    model = stories_or_skip()
-    env, tag = tagged_env(tmp_path)
-    child = spawn(["-m", model, "--np", "2", "--interactive-first", "-p", "Once"], env)
+    child, tag = start(tmp_path, ["--np", "2", "--interactive-first", "-p", "Once"])
     wait_for_prompt(child)
     child.sendintr()
     child.expect_exact("total time")
-    assert finish(child) == 130
-    assert_no_rank_left(tag)
+    ends(child, tag, 130)
 
 
 def test_spawn_instruct_turn(tmp_path):
@@ -134,10 +143,8 @@ def test_spawn_instruct_turn(tmp_path):
 
 
 def test_mpiexec_plain_mode_reverse_prompt_with_the_chat_file(tmp_path):
-    model = stories_or_skip()
-    env, tag = tagged_env(tmp_path)
-    child = spawn(["-m", model, "-i", "-r", "User:", "-f", str(PROMPTS / "chat-with-bob.txt"), "-n", "24",
-                   "--temp", "0", "--color"], env, mpiexec_n=2)
+    child, tag = start(tmp_path, ["-i", "-r", "User:", "-f", str(PROMPTS / "chat-with-bob.txt"), "-n", "24",
+                                  "--temp", "0", "--color"], mpiexec_n=2)
     # the whole prompt in yellow (rich closes the colour before each newline), then control is ours
     child.expect(r"Bob: Green\.(\x1b\[0m)?\r\n(\x1b\[33m)?User:")
     assert PROMPT_READY not in child.before                 # plain line mode: no prompt_toolkit
@@ -148,15 +155,12 @@ def test_mpiexec_plain_mode_reverse_prompt_with_the_chat_file(tmp_path):
     assert len(reply.split("What is a spider?", 1)[1].strip()) > 5
     child.sendeof()                                         # Ctrl-D at the start of a line: end of input
     child.expect_exact("total time")
-    assert finish(child) == 0
-    assert_no_rank_left(tag)
+    ends(child, tag)
 
 
 def test_mpiexec_ctrl_c_stops_generation_then_input_continues(tmp_path):
-    model = stories_or_skip()
-    env, tag = tagged_env(tmp_path)
-    child = spawn(["-m", model, "-i", "-p", "Once upon a time", "-n", "2000", "--ignore-eos", "-c", "4096"],
-                  env, mpiexec_n=2)
+    child, tag = start(tmp_path, ["-i", "-p", "Once upon a time", "-n", "2000", "--ignore-eos", "-c", "4096"],
+                       mpiexec_n=2)
     child.expect_exact("Once upon a time")
     read_for(child, 0.5)
     child.sendintr()                                        # hydra forwards SIGINT to every rank
@@ -169,8 +173,7 @@ def test_mpiexec_ctrl_c_stops_generation_then_input_continues(tmp_path):
     assert len(more.split("The cat", 1)[-1]) > 20           # a new turn generates again
     child.sendeof()                                         # (hydra's second Ctrl-C would abort the job)
     child.expect_exact("total time", timeout=90)            # read when the -n budget hands control back
-    assert finish(child) == 0
-    assert_no_rank_left(tag)
+    ends(child, tag)
 
 
 def test_script_in_a_terminal_transcript_identical_on_1_and_3_ranks(tmp_path):
@@ -200,20 +203,16 @@ def test_readme_first_command_demo_chat_on_two_ranks(tmp_path, smollm2_model):
     reply = wait_for_prompt(child, timeout=180)            # a reply (the demo bounds it), then asks again
     assert "Paris" in reply
     child.sendcontrol("d")
-    assert finish(child) == 0
-    assert_no_rank_left(tag)
+    ends(child, tag)
 
 
 def test_mpiexec_ctrl_c_at_the_prompt_exits_130_on_every_rank(tmp_path):
-    model = stories_or_skip()
-    env, tag = tagged_env(tmp_path)
-    child = spawn(["-m", model, "--interactive-first", "-p", "Once"], env, mpiexec_n=2)
+    child, tag = start(tmp_path, ["--interactive-first", "-p", "Once"], mpiexec_n=2)
     wait_all(child, ["Ctrl-D quits", " Once"])              # stdout and stderr come through hydra apart
     time.sleep(0.5)                                         # the prompt was evaluated; the head reads
     child.sendintr()
     child.expect_exact("total time")
-    assert finish(child) == 130
-    assert_no_rank_left(tag)
+    ends(child, tag, 130)
 
 
 @pytest.mark.parametrize("mode", ["-i", "-n"])
@@ -227,8 +226,7 @@ def test_spawn_ctrl_c_exits_130_when_not_interactive_or_pressed_twice(tmp_path, 
     read_for(child, 1.0)
     child.send("\x03\x03" if mode == "-i" else "\x03")    # twice while generating / once without -i
     child.expect_exact("total time")
-    assert finish(child) == 130
-    assert_no_rank_left(tag)
+    ends(child, tag, 130)
 
 
 def test_a_tiny_terminal_does_not_break_the_chat(tmp_path):
@@ -242,15 +240,11 @@ def test_a_tiny_terminal_does_not_break_the_chat(tmp_path):
     child.send("Hello there, Bob, how are you today?\r")
     wait_for_prompt(child)
     child.sendcontrol("d")
-    assert finish(child) == 0
-    assert_no_rank_left(tag)
+    ends(child, tag)
 
 
 def test_spawn_plain_line_reader_on_a_terminal_keeps_ctrl_c_from_the_process_manager(tmp_path):
-    model = stories_or_skip()
-    env, tag = tagged_env(tmp_path)
-    child = spawn(["-m", model, "--np", "2", "--simple-io", "--interactive-first", "-p", "Once", "-n", "2000"],
-                  env)
+    child, tag = start(tmp_path, ["--np", "2", "--simple-io", "--interactive-first", "-p", "Once", "-n", "2000"])
     wait_all(child, ["Ctrl-D quits", " Once"])
     time.sleep(0.5)
     child.sendline("The cat")
@@ -261,8 +255,7 @@ def test_spawn_plain_line_reader_on_a_terminal_keeps_ctrl_c_from_the_process_man
     child.sendintr()                                        # at the prompt: timings, 130, every rank gone
     child.expect_exact("total time")
     assert "Sending Ctrl-C" not in child.before
-    assert finish(child) == 130
-    assert_no_rank_left(tag)
+    ends(child, tag, 130)
 
 
 def test_load_progress_bars_show_during_a_multi_rank_load_and_are_gone_at_the_prompt(tmp_path, smollm2_model):
@@ -281,5 +274,4 @@ def test_load_progress_bars_show_during_a_multi_rank_load_and_are_gone_at_the_pr
     assert "plan: spawn, 2 ranks" in shown and "conversation mode" in shown
     assert "loading rank" not in shown and "layers " not in shown.split("conversation mode")[1]
     child.sendcontrol("d")
-    assert finish(child) == 0
-    assert_no_rank_left(tag)
+    ends(child, tag)
