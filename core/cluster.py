@@ -31,6 +31,8 @@ from .transport import PeerFailed, launcher
 
 UBATCH_ENV = "LLAMA_MPI_UBATCH"      # micro-batch size for pipelined prefill (0 = off; unset = automatic)
 WORKER_FLAG = "--llama-mpi-worker"   # in the command line of a spawned worker
+TP_NEEDS_RANKS = ("--tp {tp} splits every layer over {tp} MPI ranks: run under mpiexec -n {tp} or with --np {tp} "
+                  "(in one process, -t N adds threads)")
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,7 @@ def start(settings: ClusterSettings, mode: str, n_ranks: int = 1, hostfile: str 
         t = transport.world()
     t.exchange_peers()
     if t.rank != 0:
-        _serve(t, supervised, settings.model, settings.local_threads)
+        _serve(t, supervised, settings.model, settings.local_threads, settings.local_weights)
         return None            # exit 0 even after a failure: the head's status is the job's (hydra
                                # kills the ranks still finalizing when one exits non-zero)
     return _head(t, settings, mode, on_plan, watcher)
@@ -152,16 +154,22 @@ def start(settings: ClusterSettings, mode: str, n_ranks: int = 1, hostfile: str 
 
 def _start_single(settings: ClusterSettings, on_plan: Callable[[Plan], None] | None,
                   watcher: LoadWatcher | None) -> Pipeline:
+    if settings.tp > 1:
+        raise UsageError(TP_NEEDS_RANKS.format(tp=settings.tp))
     model = open_model(settings.model).with_rope(settings.rope_freq_base, settings.rope_freq_scale)
     n_ctx = settings.n_ctx or model.config.n_ctx_train
     layers = split_layers(model.config.n_layer, 1, settings.layer_split)
-    plan = Plan("single", settings.model, model.config.n_layer, n_ctx,
-                (rank_plan(model, 0, os.uname().nodename, layers[0], n_ctx, settings.model, settings.threads),))
+    mine = rank_plan(model, 0, os.uname().nodename, layers[0], n_ctx, settings.model, settings.threads,
+                     weights=settings.weights)
+    for _, problem in memory_problems([mine]):
+        raise UsageError(problem)
+    plan = Plan("single", settings.model, model.config.n_layer, n_ctx, (mine,))
     if on_plan:
         on_plan(plan)
     try:
         stage = Stage(model, layers[0], embed=True, head=True, n_ctx=n_ctx, threads=settings.threads,
-                      progress=None if watcher is None else partial(watcher.layers_done, 0))
+                      progress=None if watcher is None else partial(watcher.layers_done, 0),
+                      weights=settings.weights)
     finally:
         if watcher is not None:
             watcher.loaded()
@@ -210,7 +218,11 @@ def _head_setup(t: Any, settings: ClusterSettings, mode: str, on_plan: Callable[
     try:
         model = open_model(settings.model).with_rope(settings.rope_freq_base, settings.rope_freq_scale)
         n_ctx = settings.n_ctx or model.config.n_ctx_train
-        layers = split_layers(model.config.n_layer, t.size, settings.layer_split)
+        layout = Layout(t.size, settings.tp)              # one line if the ranks are not whole groups
+        per_stage = split_layers(model.config.n_layer, layout.n_stages, settings.layer_split,
+                                 unit="rank" if layout.tp == 1 else "stage")
+        shards = stage_shards(model, per_stage, layout.tp)   # --tp larger than heads, FFN...: one line
+        layers = layout.per_rank(per_stage)
     except LlamaMpiError as exc:
         t.bcast_obj({"error": str(exc)})                  # workers stop quietly; the head reports
         t.close()
@@ -218,19 +230,23 @@ def _head_setup(t: Any, settings: ClusterSettings, mode: str, on_plan: Callable[
         raise
     t.bcast_obj({"model": os.path.abspath(settings.model), "fingerprint": model.fingerprint(), "n_ctx": n_ctx,
                  "threads": settings.threads, "layers": [(r.start, r.stop) for r in layers],
-                 "rope": (settings.rope_freq_base, settings.rope_freq_scale)})   # the head's overrides, for all
-    mine = rank_plan(model, 0, t.host, layers[0], n_ctx, settings.model, settings.threads)
+                 "rope": (settings.rope_freq_base, settings.rope_freq_scale),   # the head's overrides, for all
+                 "tp": layout.tp, "weights": settings.weights})
+    mine = rank_plan(model, 0, t.host, layers[0], n_ctx, settings.model, settings.threads, layout=layout,
+                     shard=shards[0][0] if shards else None, weights=settings.weights)
     reports = t.gather_obj({"plan": mine, "error": None})
+    _check_memory(reports)
     _verdict(t, reports, layers, guard)
     plan = Plan(mode, settings.model, model.config.n_layer, n_ctx, tuple(r["plan"] for r in reports))
     if on_plan:
         on_plan(plan)
     stage, error = None, None
+    tp = tp_context(t, layout, shards)                    # (collective: every rank, after the verdict)
     progress = _ProgressRelay(t, watcher)
     try:
         try:
             stage = Stage(model, layers[0], embed=True, head=True, n_ctx=n_ctx, threads=settings.threads,
-                          progress=progress.head)
+                          progress=progress.head, weights=settings.weights, **tp.stage_args())
         except Exception as exc:                          # noqa: BLE001 - reported like a worker's
             error = one_line(exc)
         reports = t.gather_obj({"plan": mine, "error": error})   # workers' progress relayed meanwhile
@@ -238,7 +254,7 @@ def _head_setup(t: Any, settings: ClusterSettings, mode: str, on_plan: Callable[
         progress.close()
     _verdict(t, reports, layers, guard)
     t, stage = faults.inject(t, stage)
-    pipe = MpiPipeline(t, stage, layers, plan, ubatch=settings.ubatch)
+    pipe = MpiPipeline(t, stage, layers, plan, ubatch=settings.ubatch, tp=tp)
     _head_signals()
     return pipe
 
@@ -276,7 +292,9 @@ def _verdict(t: Any, reports: list[dict], layers: list[range], guard: _AbortAtEx
         t.close()
         guard.disarm()
         r, rep = bad[0]
-        raise PipelineError(f"rank {r} ({rep['plan'].host}, layers {format_layers(layers[r])}): {rep['error']}")
+        p = rep["plan"]
+        tp = f", TP {p.tp_index}/{p.tp_size}" if p.tp_size > 1 else ""
+        raise PipelineError(f"rank {r} ({p.host}, layers {format_layers(layers[r])}{tp}): {rep['error']}")
 
 
 def _head_at_exit(pipe: MpiPipeline) -> None:
@@ -319,7 +337,8 @@ def _worker_argv() -> list[str]:
     return ["-c", code, WORKER_FLAG]
 
 
-def _serve(t: Any, supervised: Supervised | None, local_model: str | None, local_threads: int | None) -> int:
+def _serve(t: Any, supervised: Supervised | None, local_model: str | None, local_threads: int | None,
+           local_weights: str | None = None) -> int:
     """A worker rank once MPI is up: tell its supervisor where the head listens, take its signals,
     then the start-up handshake and the serve loop. Returns the exit status."""
     if supervised is not None:
@@ -328,10 +347,10 @@ def _serve(t: Any, supervised: Supervised | None, local_model: str | None, local
     # failure reported to the head
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _raise_exit)
-    return _worker(t, local_model, local_threads)
+    return _worker(t, local_model, local_threads, local_weights)
 
 
-def _worker(t: Any, local_model: str | None, local_threads: int | None) -> int:
+def _worker(t: Any, local_model: str | None, local_threads: int | None, local_weights: str | None = None) -> int:
     """A worker's start-up handshake, then serve. Returns the exit status."""
     shared = t.bcast_obj()
     if "error" in shared:
@@ -341,26 +360,35 @@ def _worker(t: Any, local_model: str | None, local_threads: int | None) -> int:
     layers = range(*shared["layers"][rank])
     path = local_model or shared["model"]
     threads = local_threads or shared["threads"]
+    weights = local_weights or shared["weights"]
     n_ctx = shared["n_ctx"]
+    layout = Layout(t.size, shared["tp"])
     model: ModelFile | None = None
+    shards = None
     error = None
     try:
         model = open_model(path).with_rope(*shared["rope"])
         if model.fingerprint() != shared["fingerprint"]:
             error = (f"model {path} is not the head's {shared['model']} "
                      f"(fingerprint {model.fingerprint()} vs {shared['fingerprint']})")
+        else:
+            shards = stage_shards(model, layout.per_stage_of(shared["layers"]), layout.tp)
     except LlamaMpiError as exc:
         error = str(exc)
-    mine = (rank_plan(model, rank, t.host, layers, n_ctx, path, threads) if model is not None
-            else RankPlan(rank, t.host, layers, 0, 0, path, threads))
+    shard = shards[layout.stage(rank)][layout.index(rank)] if shards else None
+    mine = (rank_plan(model, rank, t.host, layers, n_ctx, path, threads, layout=layout, shard=shard,
+                      weights=weights) if model is not None and error is None
+            else RankPlan(rank, t.host, layers, 0, 0, path, threads, layout.stage(rank), layout.index(rank),
+                          layout.tp, weights))
     t.gather_obj({"plan": mine, "error": error})
     if t.bcast_obj() != "go":
         t.close()
         return 1
     stage, error = None, None
+    tp = tp_context(t, layout, shards)                    # (collective: every rank, after the verdict)
     try:
-        stage = Stage(model, layers, embed=False, head=False, n_ctx=n_ctx, threads=threads,
-                      progress=t.send_progress)
+        stage = Stage(model, layers, embed=False, head=tp.shards is not None and tp.stage == 0, n_ctx=n_ctx,
+                      threads=threads, progress=t.send_progress, weights=weights, **tp.stage_args())
     except Exception as exc:                              # noqa: BLE001 - reported to the head
         error = one_line(exc)
     t.finish_progress()
@@ -368,7 +396,7 @@ def _worker(t: Any, local_model: str | None, local_threads: int | None) -> int:
     if t.bcast_obj() != "go":
         t.close()
         return 1
-    status = serve_worker(*faults.inject(t, stage))
+    status = serve_worker(*faults.inject(t, stage), tp=tp)
     t.close(disconnect=status == 0)
     stage.close()
     return status
@@ -377,15 +405,72 @@ def _worker(t: Any, local_model: str | None, local_threads: int | None) -> int:
 # ---- sizes and threads ---------------------------------------------------------------------------
 
 def rank_plan(model: ModelFile, rank: int, host: str, layers: range, n_ctx: int, path: str,
-              threads: int) -> RankPlan:
-    """Bytes this rank will hold: its tensors in the file, and an f32 KV cache for its layers."""
+              threads: int, *, layout: Layout | None = None, shard: TPShard | None = None,
+              weights: str = "native") -> RankPlan:
+    """Bytes this rank will hold: its tensors in the file (its TP share; as float32 with weights "f32"), and
+    an f32 KV cache for its layers (its share's KV heads)."""
     cfg = model.config
-    names = {f"blk.{i}." for i in layers}
-    head = {"token_embd.weight", "output_norm.weight", "output.weight"} if rank == 0 else set()
-    weight = sum(int(t.n_bytes) for t in model.reader.tensors
-                 if t.name in head or t.name[:t.name.find(".", 4) + 1] in names)
-    kv = 2 * len(layers) * n_ctx * cfg.n_head_kv * cfg.head_dim * 4
-    return RankPlan(rank, host, layers, weight, kv, path, threads)
+    layout = layout or Layout(rank + 1)
+    stage, head = layout.stage(rank), layout.stage(rank) == 0 and (rank == 0 or shard is not None)
+    if weights == "f32":
+        weight = f32_bytes(model, layers, shard, head=head, embed=rank == 0)
+    elif shard is not None:
+        weight = share_bytes(model, layers, shard, head=head)
+    else:
+        names = {f"blk.{i}." for i in layers}
+        head_names = {"token_embd.weight", "output_norm.weight", "output.weight"} if rank == 0 else set()
+        weight = sum(int(t.n_bytes) for t in model.reader.tensors
+                     if t.name in head_names or t.name[:t.name.find(".", 4) + 1] in names)
+    kv = shard.kv_bytes(len(layers), n_ctx) if shard is not None else 2 * len(layers) * n_ctx * cfg.n_head_kv * cfg.head_dim * 4
+    return RankPlan(rank, host, layers, weight, kv, path, threads, stage, layout.index(rank), layout.tp, weights,
+                    mem_available())
+
+
+def mem_available() -> int:
+    """This host's available memory in bytes (/proc/meminfo MemAvailable; 0 where unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def memory_problems(plans: list[RankPlan]) -> list[tuple[int, str]]:
+    """--weights f32 is refused on a host where its ranks' weights and KV would not fit in the memory
+    available when planned: (the host's first f32 rank, one line) per such host (empty: all fits, or no
+    rank asked for f32)."""
+    hosts: dict[str, list[RankPlan]] = {}
+    for p in plans:
+        hosts.setdefault(p.host, []).append(p)
+    problems = []
+    for host, ranks in hosts.items():
+        avail = max(p.mem_available for p in ranks)
+        need = sum(p.weight_bytes + p.kv_bytes for p in ranks)
+        if any(p.weights == "f32" for p in ranks) and avail and need > avail:
+            who = ", ".join(str(p.rank) for p in ranks)
+            first = next(p.rank for p in ranks if p.weights == "f32")
+            problems.append((first, f"--weights f32: rank{'s' if len(ranks) > 1 else ''} {who} on {host} would hold "
+                            f"{need / 2**20:.0f} MiB of weights and KV cache, more than the {avail / 2**20:.0f} MiB "
+                            f"available there (use --weights native on that node)"))
+    return problems
+
+
+def _check_memory(reports: list[dict]) -> None:
+    """(head) mark the first f32 rank of a host that cannot hold its ranks' share (see memory_problems)."""
+    for rank, problem in memory_problems([r["plan"] for r in reports]):
+        reports[rank]["error"] = reports[rank]["error"] or problem
+
+
+def tp_context(t: Any, layout: Layout, shards: list[tuple[TPShard, ...]] | None) -> TPContext:
+    """This rank's TPContext; with --tp > 1 its stage's group is split off t's communicator (a collective:
+    every rank calls it at the same point of start-up)."""
+    if layout.tp == 1 or shards is None:
+        return TPContext(layout, t.rank)
+    stage = layout.stage(t.rank)
+    return TPContext(layout, t.rank, transport.split_group(t, stage), shards[stage])
 
 
 def limit_blas_threads(n: int) -> bool:

@@ -25,16 +25,17 @@ def parse_split(text: str) -> list[float]:
     return weights
 
 
-def check_weights(weights: Sequence[float], n_ranks: int) -> list[float]:
-    """Validate one weight per rank (finite, >= 0, not all zero); returns them as floats."""
+def check_weights(weights: Sequence[float], n_ranks: int, unit: str = "rank") -> list[float]:
+    """Validate one weight per rank (per `unit`: "stage" with --tp) (finite, >= 0, not all zero); returns
+    them as floats."""
     if len(weights) != n_ranks:
         raise UsageError(
             f"--mpi-layer-split has {len(weights)} weight{'s' if len(weights) != 1 else ''} "
-            f"but the cluster has {n_ranks} rank{'s' if n_ranks != 1 else ''} (give one weight per rank)")
+            f"but the cluster has {n_ranks} {unit}{'s' if n_ranks != 1 else ''} (give one weight per {unit})")
     out = [float(w) for w in weights]
     for rank, w in enumerate(out):
         if not math.isfinite(w) or w < 0:
-            raise UsageError(f"--mpi-layer-split: weight {w} for rank {rank} must be a finite number >= 0")
+            raise UsageError(f"--mpi-layer-split: weight {w} for {unit} {rank} must be a finite number >= 0")
     if sum(out) <= 0:
         raise UsageError("--mpi-layer-split: the weights sum to zero")
     return out
@@ -56,8 +57,10 @@ def largest_remainder(total: int, weights: Sequence[float]) -> list[int]:
     return shares
 
 
-def split_layers(n_layer: int, n_ranks: int, weights: Sequence[float] | None = None) -> list[range]:
-    """Contiguous layer ranges, one per rank in rank order, covering [0, n_layer) exactly once.
+def split_layers(n_layer: int, n_ranks: int, weights: Sequence[float] | None = None,
+                 unit: str = "rank") -> list[range]:
+    """Contiguous layer ranges, one per rank (per pipeline stage: `unit` "stage") in order, covering
+    [0, n_layer) exactly once.
 
     `weights` None splits equally (the remainder going to the lowest ranks). Raises UsageError when the
     weight count differs from `n_ranks` or when some rank would get no layer (naming that rank).
@@ -66,14 +69,14 @@ def split_layers(n_layer: int, n_ranks: int, weights: Sequence[float] | None = N
         raise UsageError(f"the cluster needs at least one rank (got {n_ranks})")
     if n_layer < 1:
         raise UsageError(f"the model has no layers to split (n_layer {n_layer})")
-    ws = [1.0] * n_ranks if weights is None else check_weights(weights, n_ranks)
+    ws = [1.0] * n_ranks if weights is None else check_weights(weights, n_ranks, unit)
     shares = largest_remainder(n_layer, ws)
     for rank, share in enumerate(shares):
         if share == 0:
             how = "an equal split" if weights is None else f"--mpi-layer-split {format_split(ws)}"
             raise UsageError(
-                f"rank {rank} would get no layer: {how} of {n_layer} layers over {n_ranks} ranks "
-                f"(use fewer ranks or give rank {rank} a larger weight)")
+                f"{unit} {rank} would get no layer: {how} of {n_layer} layers over {n_ranks} {unit}s "
+                f"(use fewer {unit}s or give {unit} {rank} a larger weight)")
     ranges, start = [], 0
     for share in shares:
         ranges.append(range(start, start + share))

@@ -23,6 +23,7 @@ from .errors import ContextOverflowError, PipelineError, one_line
 from .kv_cache import check_shift, check_truncate
 from .model import Stage, check_token_ids
 from .partition import format_layers
+from .tp_group import TPContext, group_logits, single
 from .transport import Aborted, PeerFailed
 
 if TYPE_CHECKING:
@@ -46,6 +47,8 @@ class RankStats:
     n_ctx: int
     weight_bytes: int
     kv_bytes: int
+    tp_index: int = 0          # this rank's index in its stage's tensor-parallel group
+    tp_size: int = 1
 
     @property
     def kv_fill(self) -> float:
@@ -94,9 +97,11 @@ class _Meter:
         self.bytes_sent = 0
 
     def snapshot(self, rank: int, host: str, stage: Stage, wait_s: float) -> RankStats:
+        shard = stage.shard
         return RankStats(rank, host, stage.layers, self.compute_s * 1e3, wait_s * 1e3,
                          self.bytes_sent / self.tokens if self.tokens else 0.0, rss_bytes(),
-                         stage.n_past, stage.n_ctx, stage.weight_bytes, stage.kv_bytes)
+                         stage.n_past, stage.n_ctx, stage.weight_bytes, stage.kv_bytes,
+                         shard.index if shard else 0, shard.size if shard else 1)
 
 
 def check_tokens(tokens: Sequence[int], n_past: int, n_ctx: int, n_vocab: int) -> np.ndarray:
@@ -194,52 +199,68 @@ class LocalPipeline(_HeadStage):
 # ---- one step of the pipeline, as seen by any rank ---------------------------------------------
 
 def run_step(transport: Any, stage: Stage, msg: Eval, meter: _Meter, buf: np.ndarray,
-             tokens: np.ndarray | None = None) -> np.ndarray | None:
-    """Rank k's part of one evaluation: take each micro-batch (embed on the head, receive from k-1
-    elsewhere), run the stage's layers, pass it on (to k+1, or back to the head from the last rank).
+             tokens: np.ndarray | None = None, tp: TPContext | None = None) -> np.ndarray | None:
+    """Rank k's part of one evaluation. Stages are groups of `tp.layout.tp` consecutive ranks (one rank
+    each without `tp`); a stage's head (TP index 0) takes each micro-batch (embeds it on rank 0, receives
+    it from the previous stage's head elsewhere) and sends it to the other ranks of its group; every rank
+    of the group runs the stage's layers on it (its shard, all-reduced inside the group); the head passes
+    the result on (to the next stage's head, or back to rank 0 from the last stage).
 
-    Returns, on the head, the hidden rows the output head needs: (T, n_embd) when `msg.all_rows`, else
-    (1, n_embd); None on workers. Every send is waited before returning, so buffers can be reused.
+    Returns the hidden rows the output head needs, (T, n_embd) when `msg.all_rows`, else (1, n_embd): on
+    rank 0, and on the other ranks of stage 0's group when there is a single stage; None elsewhere. Every
+    send is waited before returning, so buffers can be reused.
     """
     posted: list[Any] = []                                           # receives to cancel on failure
     try:
-        return _step(transport, stage, msg, meter, buf, tokens, posted)
+        return _step(transport, stage, msg, meter, buf, tokens, posted,
+                     tp if tp is not None else single(transport.size, transport.rank))
     except BaseException:
         transport.cancel(posted)
         raise
 
 
 def _step(transport: Any, stage: Stage, msg: Eval, meter: _Meter, buf: np.ndarray,
-          tokens: np.ndarray | None, posted: list[Any]) -> np.ndarray | None:
-    rank, size = transport.rank, transport.size
-    last = size - 1
+          tokens: np.ndarray | None, posted: list[Any], tp: TPContext) -> np.ndarray | None:
+    rank, lay, group = transport.rank, tp.layout, tp.group
+    s, n_stages = tp.stage, lay.n_stages
+    last = lay.head(n_stages - 1)                                     # the last stage's head
     mbs = msg.micro_batches()                                         # [(row, n), ...]
-    sends, keep = [], []                                              # keep: arrays being sent
+    sends, keep, outs = [], [], []                                    # keep: arrays being sent
     recvs = []
-    if rank > 0:                                                      # post every receive at once
-        recvs = [transport.irecv_into(buf[i0:i0 + n], rank - 1) for i0, n in mbs]
-        posted += recvs
+    if tp.leads and rank > 0:                                         # post every receive at once
+        recvs = [transport.irecv_into(buf[i0:i0 + n], lay.head(s - 1)) for i0, n in mbs]
+    elif not tp.leads:                                                # the stage input, from its head
+        recvs = [group.irecv_into(buf[i0:i0 + n], 0) for i0, n in mbs]
+    posted += recvs
     out = None
-    if rank == 0 and size > 1:                                        # results from the last rank
+    if rank == 0 and n_stages > 1:                                    # results from the last stage
         rows = msg.n_tokens if msg.all_rows else 1
         out = np.empty((rows, stage.config.n_embd), dtype=np.float32)   # (rows, n_embd)
         back = ([transport.irecv_into(out[i0:i0 + n], last) for i0, n in mbs] if msg.all_rows
                 else [transport.irecv_into(out, last)])
         posted += back
+    reduced = group.bytes_sent if group is not None else 0
     for j, (i0, n) in enumerate(mbs):
+        t0 = time.perf_counter()
         if rank == 0:
-            t0 = time.perf_counter()
-            h = stage.forward(stage.embed(tokens[i0:i0 + n]), msg.pos + i0)   # (n, n_embd)
+            h_in = stage.embed(tokens[i0:i0 + n])                     # (n, n_embd)
         else:
-            transport.wait(recvs[j])
+            (transport if tp.leads else group).wait(recvs[j])
             t0 = time.perf_counter()
-            h = stage.forward(buf[i0:i0 + n], msg.pos + i0)           # (n, n_embd)
+            h_in = buf[i0:i0 + n]
+        if tp.leads and group is not None:                           # the same input for the whole group
+            keep.append(h_in)
+            sends += [(group, group.isend(h_in, r)) for r in range(1, group.size)]
+            meter.bytes_sent += h_in.nbytes * (group.size - 1)
+        h = stage.forward(h_in, msg.pos + i0)                         # (n, n_embd)
         meter.compute_s += time.perf_counter() - t0
-        if size == 1:
-            keep.append(h)
+        if n_stages == 1:
+            outs.append(h)
             continue
-        if rank < last:
-            dest, h_out = rank + 1, h
+        if not tp.leads:
+            continue
+        if s < n_stages - 1:
+            dest, h_out = lay.head(s + 1), h
         elif msg.all_rows:
             dest, h_out = 0, h
         elif j == len(mbs) - 1:
@@ -247,16 +268,18 @@ def _step(transport: Any, stage: Stage, msg: Eval, meter: _Meter, buf: np.ndarra
         else:
             continue
         keep.append(h_out)
-        sends.append(transport.isend(h_out, dest))
+        sends.append((transport, transport.isend(h_out, dest)))
         meter.bytes_sent += h_out.nbytes
     meter.tokens += msg.n_tokens
-    for req in sends:
-        transport.wait(req)
+    if group is not None:
+        meter.bytes_sent += group.bytes_sent - reduced
+    for channel, req in sends:
+        channel.wait(req)
+    if n_stages == 1:
+        h = np.concatenate(outs) if len(outs) > 1 else outs[0]        # (T, n_embd)
+        return h if msg.all_rows else h[-1:]
     if rank != 0:
         return None
-    if size == 1:
-        h = np.concatenate(keep) if len(keep) > 1 else keep[0]        # (T, n_embd)
-        return h if msg.all_rows else h[-1:]
     for req in back:
         transport.wait(req)
     return out
@@ -271,12 +294,14 @@ class MpiPipeline(_HeadStage):
         layers: every rank's layer range, in rank order (for error messages and stats).
         plan: what every rank agreed on at start-up (core/cluster.py), or None.
         ubatch: micro-batch size for prefill (0 = never pipeline, None = automatic).
+        tp: this rank's place in the tensor-parallel layout (core/tp_group.py); None: one rank per stage.
     """
 
     def __init__(self, transport: Any, stage: Stage, layers: list[range], plan: Plan | None = None,
-                 ubatch: int | None = None):
+                 ubatch: int | None = None, tp: TPContext | None = None):
         self.t, self.stage, self.config = transport, stage, stage.config
         self.layers, self.plan, self.ubatch = layers, plan, ubatch
+        self.tp = tp if tp is not None else single(transport.size, 0)
         self._seq = 0
         self._meter = _Meter()
         self._no_buf = np.empty((0, self.config.n_embd), dtype=np.float32)   # the head receives no input
@@ -289,15 +314,17 @@ class MpiPipeline(_HeadStage):
         return self.t.size
 
     def describe(self, rank: int) -> str:
-        """"rank 2 (host node-b, layers 11-21)" for messages."""
+        """"rank 2 (node-b, layers 11-21)" for messages; with --tp, "rank 3 (node-b, layers 11-21, TP 1/2)"."""
         host = self.t.peers[rank].host if rank < len(self.t.peers) else "?"
-        return f"rank {rank} ({host}, layers {format_layers(self.layers[rank])})"
+        lay = self.tp.layout
+        tp = f", TP {lay.index(rank)}/{lay.tp}" if lay.tp > 1 and 0 <= rank < lay.size else ""
+        return f"rank {rank} ({host}, layers {format_layers(self.layers[rank])}{tp})"
 
     # ---- the Pipeline API ------------------------------------------------------------------------
     def eval(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
         self._usable()
         ids = check_tokens(tokens, self.n_past, self.n_ctx, self.config.n_vocab)
-        msg = Eval(ids.size, self.n_past, choose_ubatch(ids.size, self.size, self.ubatch), all_logits)
+        msg = Eval(ids.size, self.n_past, choose_ubatch(ids.size, self.tp.layout.n_stages, self.ubatch), all_logits)
         return self._guarded(self._eval, msg, ids)
 
     def kv_clear(self) -> None:
@@ -360,10 +387,13 @@ class MpiPipeline(_HeadStage):
     def _eval(self, msg: Eval, ids: np.ndarray) -> np.ndarray:
         self.t.poll_failure()                                         # a worker that died while we idled
         self._send(msg)
-        h = run_step(self.t, self.stage, msg, self._meter, self._no_buf, ids)   # (rows, n_embd)
-        t0 = time.perf_counter()
-        logits = self.stage.logits(h)                                 # (rows, n_vocab)
-        self._meter.compute_s += time.perf_counter() - t0
+        h = run_step(self.t, self.stage, msg, self._meter, self._no_buf, ids, self.tp)   # (rows, n_embd)
+        if self.tp.group is not None:                                 # stage 0's group: vocab rows each
+            logits = group_logits(self.tp, self.stage, h, h.shape[0], self._meter)
+        else:
+            t0 = time.perf_counter()
+            logits = self.stage.logits(h)                             # (rows, n_vocab)
+            self._meter.compute_s += time.perf_counter() - t0
         return logits if msg.all_rows else logits[0]
 
     def _stats(self) -> list[RankStats]:
@@ -398,8 +428,9 @@ class MpiPipeline(_HeadStage):
 
 # ---- the worker side ---------------------------------------------------------------------------
 
-def serve_worker(transport: Any, stage: Stage) -> int:
-    """A worker's life after setup: apply the head's control messages in order until Shutdown.
+def serve_worker(transport: Any, stage: Stage, tp: TPContext | None = None) -> int:
+    """A worker's life after setup: apply the head's control messages in order until Shutdown (`tp`: its
+    place in a tensor-parallel layout; None: one rank per stage).
 
     Returns the exit status: 0 after Shutdown, 1 after an Abort or a failure of this rank (which is
     reported to the head in one line first).
@@ -415,7 +446,9 @@ def serve_worker(transport: Any, stage: Stage) -> int:
             if isinstance(msg, Eval):
                 if msg.pos != stage.n_past:
                     raise RuntimeError(f"evaluation at position {msg.pos} but this rank holds {stage.n_past}")
-                run_step(transport, stage, msg, meter, buf)
+                rows = run_step(transport, stage, msg, meter, buf, tp=tp)
+                if tp is not None and tp.computes_logits:
+                    group_logits(tp, stage, rows, msg.n_tokens if msg.all_rows else 1, meter)
             elif isinstance(msg, Stats):
                 transport.send_obj(meter.snapshot(transport.rank, transport.host, stage, transport.wait_s), 0)
             elif isinstance(msg, Shutdown):

@@ -224,6 +224,28 @@ def share_bytes(model, layers: range, shard: TPShard, *, head: bool) -> int:
     return total
 
 
+def f32_bytes(model, layers: range, shard: TPShard | None, *, head: bool, embed: bool) -> int:
+    """Bytes a stage holds with --weights f32 (before loading): every matrix it multiplies by (its share with
+    a shard) at 4 bytes a weight, norms as in the file, and an unsharded stage's token_embd as in the file
+    when it is only looked up (a shard looks embeddings up in the mapping)."""
+    names = [f"blk.{i}.{f}.weight" for i in layers for f in (*NORMS, *ROWS.keys() - HEAD, *COLS)]
+    tied = model.config.tied_output
+    if head:
+        names += ["output_norm.weight", "token_embd.weight" if tied else "output.weight"]
+    total = 0
+    if embed and shard is None and not (head and tied):
+        total += int(model.tensor("token_embd.weight").n_bytes)
+    for name in names:
+        t = model.tensor(name)
+        if name.split(".")[-2] in NORMS + ("output_norm",):
+            total += int(t.n_bytes)
+            continue
+        rows, cols = shard.share(name) if shard is not None else (None, None)
+        n_in, n_out = (int(d) for d in t.shape)                          # GGUF order
+        total += 4 * (len(rows) if rows else n_out) * (len(cols) if cols else n_in)
+    return total
+
+
 def slice_tensor(qtype: QT, data: np.ndarray, shape: tuple[int, int], rows: range | None,
                  cols: range | None) -> tuple[np.ndarray, tuple[int, int]]:
     """A tensor's data (rows of blocks, or floats) cut to `rows` and whole-block `cols`, and its new shape.
