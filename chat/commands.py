@@ -10,7 +10,7 @@ from dataclasses import dataclass
 COMMANDS = {
     "/help": "show this help",
     "/reset": "clear the context on every rank and start again from the initial prompt",
-    "/stats": "per-rank table: layers, ms/token, bytes/token, RSS, KV fill",
+    "/stats": "per-rank table: layers, TP index, ms/token, bytes/token, RSS, KV fill",
     "/save": "/save FILE: write the transcript so far to FILE (Markdown)",
     "/quit": "leave (also Ctrl-D, or Ctrl-C at the prompt)",
 }

@@ -40,7 +40,8 @@ def cluster_settings(opts: ChatOptions) -> ClusterSettings:
                            local_threads=_local_threads(opts),
                            layer_split=None if split is None else tuple(split),
                            rope_freq_base=opts.rope_freq_base, rope_freq_scale=opts.rope_freq_scale,
-                           ubatch=env_ubatch())
+                           ubatch=env_ubatch(), tp=opts.tp, weights=opts.weights,
+                           local_weights=opts.weights if _explicit(opts, "--weights") else None)
 
 
 def check_hostfile(path: str) -> list[str]:
@@ -64,6 +65,10 @@ def check_hostfile(path: str) -> list[str]:
 
 def _local_threads(opts: ChatOptions) -> int | None:
     """A worker's own -t, only when its options set it explicitly (else the head's applies)."""
+    return opts.threads if _explicit(opts, "-t", "--threads") else None
+
+
+def _explicit(opts: ChatOptions, *flags: str) -> bool:
+    """One of `flags` was typed on this node (its options file or command line)."""
     argv = list(opts.file_argv) + sys.argv[1:]
-    explicit = any(a in ("-t", "--threads") or a.startswith("--threads=") for a in argv)
-    return opts.threads if explicit else None
+    return any(a in flags or a.split("=", 1)[0] in flags for a in argv)

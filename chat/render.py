@@ -174,20 +174,23 @@ class LoadBars:
 
 
 def stats_table(stats: list[RankStats], n_tokens: int, title: str = "per-rank stats") -> Table:
-    """A table of `pipeline.stats()` rows: layers, ms/token, bytes/token, RSS, KV fill.
+    """A table of `pipeline.stats()` rows: layers (and TP index with --tp), ms/token, bytes/token, RSS, KV fill.
 
     n_tokens: positions evaluated so far (prompt + fed-back tokens), to turn totals into per-token ms.
     """
     table = Table(title=title, show_edge=False, header_style="bold")
     hosts = [s.host for s in stats]
-    for col in ("rank", "host", "layers", "compute ms/tok", "wait ms/tok", "bytes sent/tok", "RSS MiB", "KV fill"):
+    tp = any(s.tp_size > 1 for s in stats)
+    for col in ("rank", "host", "layers", *(("TP",) if tp else ()), "compute ms/tok", "wait ms/tok",
+                "bytes sent/tok", "RSS MiB", "KV fill"):
         # never cut a value short (an 80-column pipe under mpiexec): fold it; host names stay whole
         table.add_column(col, justify="left" if col in ("host", "layers") else "right", overflow="fold",
                          min_width=max(map(len, hosts), default=4) if col == "host" else None)
     per = max(n_tokens, 1)
     for s in stats:
         table.add_row(str(s.rank), s.host, format_layers(s.layers) if len(s.layers) else "-",
-                      f"{s.compute_ms / per:.2f}", f"{s.wait_ms / per:.2f}", f"{int(s.bytes_per_token):,}",
+                      *((f"{s.tp_index}/{s.tp_size}",) if tp else ()), f"{s.compute_ms / per:.2f}",
+                      f"{s.wait_ms / per:.2f}", f"{int(s.bytes_per_token):,}",
                       f"{s.rss_bytes / 2**20:.1f}", f"{s.n_past}/{s.n_ctx} ({100.0 * s.kv_fill:.0f}%)")
     return table
 

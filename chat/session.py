@@ -312,7 +312,8 @@ class ChatSession:
                  ("context shifts", str(self.state.c.n_shifts)),
                  ("tokens", f"prompt {self.state.c.n_prompt}, generated {self.state.c.n_generated}")]
         if plan is not None:
-            t.run += [(f"rank {r.rank}", f"{r.host}, layers {format_layers(r.layers)}, {r.threads} thread(s)")
+            t.run += [(f"rank {r.rank}", f"{r.host}, layers {format_layers(r.layers)}"
+                       + (f", TP {r.tp_index}/{r.tp_size}" if r.tp_size > 1 else "") + f", {r.threads} thread(s)")
                       for r in plan.ranks]
             t.run.insert(0, ("launch", plan.mode))
         t.timings = timings_text(self.timings.as_dict())
