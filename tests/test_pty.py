@@ -6,6 +6,7 @@ rank 0 has no terminal and reads plain lines; hydra forwards Ctrl-C as SIGINT.
 """
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -275,3 +276,26 @@ def test_load_progress_bars_show_during_a_multi_rank_load_and_are_gone_at_the_pr
     assert "loading rank" not in shown and "layers " not in shown.split("conversation mode")[1]
     child.sendcontrol("d")
     ends(child, tag)
+
+
+def test_conversation_ctrl_c_stops_a_reply_and_the_next_turn_goes_on(tmp_path, smollm2_model):
+    """-cnv: Ctrl-C while the model replies gives the prompt back (the turn closed with <|im_end|>); the
+    next question is answered; the saved messages hold the cut reply."""
+    env, tag = tagged_env(tmp_path)
+    saved = tmp_path / "chat.json"
+    child = spawn(["-m", str(smollm2_model), "--np", "2", "-cnv", "--temp", "0", "-n", "-1"], env)
+    wait_for_prompt(child, timeout=120)
+    child.send("Tell me a long story about a dragon.\r")
+    read_for(child, 3.0)                                     # the reply is streaming
+    child.sendintr()
+    wait_for_prompt(child, timeout=60)
+    child.send("What is the capital of France?\r")
+    assert "Paris" in wait_for_prompt(child, timeout=120)
+    child.send(f"/save {saved}\r")
+    wait_for_prompt(child)
+    child.sendcontrol("d")
+    ends(child, tag)
+    messages = json.loads(saved.read_text())
+    assert [m["role"] for m in messages] == ["user", "assistant"] * 2
+    assert len(messages[1]["content"]) > 10                  # what was shown before the press
+    assert "Paris" in messages[3]["content"]
