@@ -25,7 +25,7 @@ from .model import Stage
 from .partition import format_layers, split_layers
 from .pipeline import LocalPipeline, MpiPipeline, Pipeline, serve_worker
 from .shard import TPShard, f32_bytes, share_bytes
-from .tp_group import Layout, TPContext, check_tp, stage_shards
+from .tp_group import Layout, TPContext, spawn_hostfile, stage_shards
 from .supervisor import Supervised, supervise
 from .transport import PeerFailed, launcher
 
@@ -139,7 +139,13 @@ def start(settings: ClusterSettings, mode: str, n_ranks: int = 1, hostfile: str 
     if mode == "mpiexec" and launcher().is_worker:
         supervised = supervise(launcher().rank)          # returns in the child, which becomes the MPI rank
     if mode == "spawn":
-        t = transport.spawn_workers(n_ranks - 1, _worker_argv(), hostfile)
+        placed = _spawn_hostfile(hostfile, n_ranks, settings.tp)
+        try:
+            t = transport.spawn_workers(n_ranks - 1, _worker_argv(), placed)
+        finally:
+            if placed != hostfile:
+                Path(placed).unlink()
+                Path(placed).parent.rmdir()
     else:
         t = transport.world()
     t.exchange_peers()
@@ -327,6 +333,19 @@ def worker_main() -> int:
     t.exchange_peers()
     _serve(t, supervised, None, None)
     return 0
+
+
+def _spawn_hostfile(hostfile: str | None, n_ranks: int, tp: int) -> str | None:
+    """The hostfile Spawn gets: the user's, or with --tp one that places the workers group by group
+    (core.tp_group.spawn_hostfile) in a temporary folder of its own (removed once they started)."""
+    if hostfile is None or tp == 1:
+        return hostfile
+    import socket
+    import tempfile
+    text = spawn_hostfile(Path(hostfile).read_text(), socket.gethostname(), n_ranks - 1, tp)
+    path = Path(tempfile.mkdtemp(prefix="llama-mpi-")) / "hostfile"
+    path.write_text(text)
+    return str(path)
 
 
 def _worker_argv() -> list[str]:

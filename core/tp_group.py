@@ -155,3 +155,33 @@ def group_logits(tp: TPContext, stage: Any, rows: np.ndarray | None, n_rows: int
     meter.bytes_sent += part.nbytes
     return None
 
+
+
+def spawn_hostfile(text: str, head_host: str, n_workers: int, tp: int) -> str:
+    """Spawn mode's hostfile for --tp: the workers placed group by group. The head's N-1 group peers run on
+    the head's host; each later group runs whole on one host of the user's hostfile (MPICH `host[:slots]`
+    or Open MPI `host slots=N` lines, `#` comments), hosts in order, a host taking slots // N groups (at
+    least one), round again if the groups outnumber them. The result lists `host:count` in launch order,
+    which MPICH's Spawn fills one host after the other."""
+    hosts = []
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        name, _, slots = words[0].partition(":")
+        for w in words[1:]:
+            if w.startswith("slots="):
+                slots = w[6:]
+        hosts.append((name, max(1, int(slots) // tp) if slots.isdigit() else 1))
+    counts: list[list] = [[head_host, tp - 1]] if tp > 1 else []
+    left, i = n_workers - (tp - 1), 0
+    while left > 0 and hosts:
+        name, groups = hosts[i % len(hosts)]
+        n = min(left, groups * tp)
+        if counts and counts[-1][0] == name:
+            counts[-1][1] += n
+        else:
+            counts.append([name, n])
+        left -= n
+        i += 1
+    return "".join(f"{name}:{n}\n" for name, n in counts if n > 0)
