@@ -82,6 +82,10 @@ class LocalTP:
     def n_past(self) -> int:
         return self.stages[0].n_past
 
+    @property
+    def n_ctx(self) -> int:
+        return self.stages[0].n_ctx
+
     def forward(self, h: np.ndarray, pos: int) -> np.ndarray:
         """Every rank runs the layers on the same h; their outputs are bitwise equal (checked)."""
         outs = self._all(lambda s: s.forward(h, pos))

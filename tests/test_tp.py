@@ -11,8 +11,10 @@ import pytest
 
 from core.config import ModelConfig
 from core.errors import UsageError
+from core.generate import Evaluated, GenerateSettings, Token, generate, greedy_sampler
 from core.loader import open_model
 from core.model import Stage
+from core.pipeline import LocalPipeline
 from core.shard import balanced, plan_stage, plan_tp, share_bytes, slice_tensor
 from core.tools.synth import write_synthetic
 from core.tp_local import LocalTP
@@ -43,12 +45,15 @@ def config(**kw) -> ModelConfig:
 
 
 def greedy(stage, prompt: list[int], n: int) -> tuple[list[int], list[np.ndarray]]:
-    """Prefill the prompt (all logits), then n greedy single-token steps: the tokens and every logits row."""
-    rows = [stage.eval(prompt, 0, all_logits=True)]
-    tokens = [int(np.argmax(rows[0][-1]))]
-    for _ in range(n - 1):
-        rows.append(stage.eval([tokens[-1]], stage.n_past, all_logits=True))
-        tokens.append(int(np.argmax(rows[-1][-1])))
+    """core.generate's loop, argmax, through a LocalPipeline around `stage` (a Stage or a LocalTP): n tokens,
+    and every logits row (the prompt's, then each fed token's)."""
+    tokens, rows = [], []
+    settings = GenerateSettings(n_predict=n, n_batch=len(prompt), all_logits=True)
+    for event in generate(LocalPipeline(stage), greedy_sampler(stage.config.n_vocab), prompt, settings):
+        if isinstance(event, Token):
+            tokens.append(event.id)
+        elif isinstance(event, Evaluated):
+            rows.append(event.logits if event.logits.ndim == 2 else event.logits[None, :])   # (T, n_vocab)
     return tokens, rows
 
 
