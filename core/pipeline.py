@@ -252,8 +252,9 @@ def _step(transport: Any, stage: Stage, msg: Eval, meter: _Meter, buf: np.ndarra
             keep.append(h_in)
             sends += [(group, group.isend(h_in, r)) for r in range(1, group.size)]
             meter.bytes_sent += h_in.nbytes * (group.size - 1)
+        waited = transport.wait_s
         h = stage.forward(h_in, msg.pos + i0)                         # (n, n_embd)
-        meter.compute_s += time.perf_counter() - t0
+        meter.compute_s += time.perf_counter() - t0 - (transport.wait_s - waited)   # not the all-reduces' waits
         if n_stages == 1:
             outs.append(h)
             continue

@@ -449,7 +449,8 @@ def join_parent() -> Transport | None:
 
 TAG_GROUP_DATA, TAG_GROUP_SUM = 21, 22   # on a group's own communicator
 GROUP_SPIN_S = float(os.environ.get("LLAMA_MPI_GROUP_SPIN_S", "0.001"))   # see Group.wait
-ALLREDUCE_ENV = "LLAMA_MPI_ALLREDUCE"     # "p2p" (default) or "mpi": how Group.allreduce_sum moves the data
+ALLREDUCE_ENV = "LLAMA_MPI_ALLREDUCE"     # "p2p" (default), "mpi" or "mpi-blocking": Group.allreduce_sum's way
+ALLREDUCE_METHODS = ("p2p", "mpi", "mpi-blocking")
 
 
 def split_group(t: Transport, color: int) -> Group:
@@ -472,8 +473,8 @@ class Group:
         self.comm, self.owner = comm, owner
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.method = method or os.environ.get(ALLREDUCE_ENV, "p2p")
-        if self.method not in ("p2p", "mpi"):
-            raise ValueError(f"{ALLREDUCE_ENV}={self.method}: expected p2p or mpi")
+        if self.method not in ALLREDUCE_METHODS:
+            raise ValueError(f"{ALLREDUCE_ENV}={self.method}: expected one of {', '.join(ALLREDUCE_METHODS)}")
         self.bytes_sent = 0                  # by allreduce_sum, for per-rank stats
         self._parts: np.ndarray | None = None
 
@@ -502,14 +503,19 @@ class Group:
 
         "p2p": every rank sends its partial to every other one and adds them up in group rank order (the
         same additions everywhere); "mpi": MPI_Iallreduce in place (MPICH's result is the same on every
-        rank, its order is MPICH's). Both waited as `wait` does; `partial` may be overwritten."""
+        rank, its order is MPICH's). Both waited as `wait` does; `partial` may be overwritten.
+        "mpi-blocking" (MPI_Allreduce: it busy-polls and watches for no failure) is there to be measured
+        against (core.tools.tp_bench), not to be run."""
         x = np.ascontiguousarray(partial, dtype=np.float32)
         if self.size == 1:
             return x
         self.bytes_sent += x.nbytes * (self.size - 1)
-        if self.method == "mpi":
+        if self.method != "p2p":
             MPI = mpi()
-            self.wait(self.comm.Iallreduce(MPI.IN_PLACE, [x, MPI.FLOAT], op=MPI.SUM))
+            if self.method == "mpi-blocking":
+                self.comm.Allreduce(MPI.IN_PLACE, [x, MPI.FLOAT], op=MPI.SUM)
+            else:
+                self.wait(self.comm.Iallreduce(MPI.IN_PLACE, [x, MPI.FLOAT], op=MPI.SUM))
             return x
         if self._parts is None or self._parts.shape[1:] != x.shape:
             self._parts = np.empty((self.size, *x.shape), dtype=np.float32)

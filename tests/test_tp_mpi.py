@@ -214,3 +214,24 @@ def test_idle_tp_ranks_do_not_spin(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def tinyllama_q4_0() -> str:
+    """The TinyLlama-shaped Q4_0 synthetic file the tools cache under /tmp (written once, atomically)."""
+    from core.tools.tp_bench import DEFAULT_MODEL
+    if not DEFAULT_MODEL.exists():
+        tmp = DEFAULT_MODEL.with_name(f"{DEFAULT_MODEL.name}.{os.getpid()}")
+        write_synthetic(tmp, "tinyllama", "q4_0")
+        os.replace(tmp, DEFAULT_MODEL)
+    return str(DEFAULT_MODEL)
+
+
+def test_rss_per_rank_under_tp2_tinyllama_shaped(tmp_path):
+    """Each of 2 ranks holds about half of the one stage: RSS <= half the stage's weights x 1.2 + its KV
+    + 150 MB (the interpreter, numpy and scratch), measured after a prefill and two decoded tokens."""
+    from core.loader import open_model
+    path = tinyllama_q4_0()
+    stage_bytes = sum(int(t.n_bytes) for t in open_model(path).reader.tensors)
+    got = tp_run(tmp_path, path, 2, 2, n_gen=2, prompt=PROMPT[:16], opts=["-c", "256"])
+    for rss, kv in zip(got["rss"], got["kv_bytes"]):
+        assert rss <= stage_bytes / 2 * 1.2 + kv + 150 * 2**20, (rss / 2**20, stage_bytes / 2**21, kv / 2**20)

@@ -1,0 +1,290 @@
+"""`python -m core.tools.tp_bench`: tensor parallelism against the other ways to use two cores, in one run.
+
+Prints, for one model (default: a TinyLlama-shaped Q4_0 synthetic file, written once and cached under /tmp):
+decode and prefill tokens/s, load time and per-rank RSS (with each rank's budget: weights x 1.2 + KV +
+150 MB) of 1 process x 1 thread, 1 process -t 2, 2 ranks layer split, --tp 2 and --tp 2 --weights f32; the
+time of one all-reduce of n_embd floats between 2 ranks (hand-rolled p2p exchange, MPI_Iallreduce, both
+waited as the engine waits, and the blocking MPI_Allreduce, which spins); and a table projected on paper
+to 4, 8 and 16 ranks from the measured per-rank compute and all-reduce cost. Every configuration runs as
+its own job (under the mpich wheel's mpiexec for the MPI ones), one after the other, `--rounds` times in
+turn (the best of each is kept: the machine may be shared). Owns nothing the engine uses; asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_MODEL = Path("/tmp/llama-mpi-tinyllama-q4_0.gguf")
+CONFIGS = {  # name -> (ranks, options)
+    "1 process x 1 thread": (1, []),
+    "1 process -t 2": (1, ["-t", "2"]),
+    "2 ranks layer split": (2, []),
+    "--tp 2": (2, ["--tp", "2"]),
+    "--tp 2 --weights f32": (2, ["--tp", "2", "--weights", "f32"]),
+}
+ALLREDUCE_VARIANTS = [("p2p", None), ("p2p", "0"), ("mpi", None), ("mpi-blocking", None)]   # (method, spin)
+MIB = 2 ** 20
+
+
+# ---- the jobs (one process, or every rank of an mpiexec job) --------------------------------------------------
+
+def _opt(argv: list[str], flag: str, default: str) -> str:
+    return argv[argv.index(flag) + 1] if flag in argv else default
+
+
+def _eval_job(args: argparse.Namespace) -> int:
+    """Load, then prefill `--prompt` tokens and decode `--decode` tokens through core.generate (best of
+    `--repeat` prefills); the head prints one JSON line."""
+    from ..cluster import ClusterSettings, launch_mode, start
+    from ..generate import Evaluated, GenerateSettings, generate, greedy_sampler
+
+    opts = args.opts
+    settings = ClusterSettings(model=str(args.model), n_ctx=args.prompt + args.decode + 16,
+                               threads=int(_opt(opts, "-t", "1")), tp=int(_opt(opts, "--tp", "1")),
+                               weights=_opt(opts, "--weights", "native"))
+    t0 = time.perf_counter()
+    pipe = start(settings, launch_mode(None))
+    if pipe is None:
+        return 0
+    load_s = time.perf_counter() - t0
+    try:
+        import numpy as np
+        rng = np.random.default_rng(0)
+        prompt = rng.integers(3, pipe.config.n_vocab, size=args.prompt).tolist()
+        pipe.eval(prompt[:8])                                            # warm-up: pages, pools, scratch
+        prefill = float("inf")
+        for _ in range(args.repeat):
+            pipe.kv_clear()
+            t = time.perf_counter()
+            pipe.eval(prompt)
+            prefill = min(prefill, time.perf_counter() - t)
+        pipe.kv_clear()
+        before = pipe.stats()
+        decode_ms = []
+        settings_g = GenerateSettings(n_predict=args.decode, n_batch=args.prompt)
+        for event in generate(pipe, greedy_sampler(pipe.config.n_vocab), prompt, settings_g):
+            if isinstance(event, Evaluated) and event.sampled:
+                decode_ms.append(event.ms)
+        after = pipe.stats()
+        n_dec = len(decode_ms)
+        result = {
+            "load_s": load_s, "prefill_tok_s": args.prompt / prefill,
+            "decode_tok_s": 1000.0 * n_dec / sum(decode_ms), "decode_best_ms": min(decode_ms),
+            # per rank, over the generation (prompt + decode): compute without waits, in ms per decoded token
+            "compute_ms": [(a.compute_ms - b.compute_ms) for a, b in zip(after, before)],
+            "wait_ms": [(a.wait_ms - b.wait_ms) for a, b in zip(after, before)],
+            "rss_mib": [s.rss_bytes / MIB for s in after], "weight_mib": [s.weight_bytes / MIB for s in after],
+            "kv_mib": [s.kv_bytes / MIB for s in after], "hosts": [s.host for s in after],
+            "n_layer": pipe.config.n_layer, "n_embd": pipe.config.n_embd,
+            "plan_weight_mib": [r.weight_bytes / MIB for r in pipe.plan.ranks] if pipe.plan else [],
+        }
+        # the decode share of the compute: measure one token alone (the generation above includes the prompt)
+        before = pipe.stats()
+        t = time.perf_counter()
+        pipe.eval([1])
+        one = time.perf_counter() - t
+        after = pipe.stats()
+        result["decode_one_ms"] = 1000.0 * one
+        result["decode_compute_ms"] = [(a.compute_ms - b.compute_ms) for a, b in zip(after, before)]
+        result["decode_wait_ms"] = [(a.wait_ms - b.wait_ms) for a, b in zip(after, before)]
+        print("RESULT " + json.dumps(result), flush=True)
+    finally:
+        pipe.close()
+    return 0
+
+
+def _allreduce_job(args: argparse.Namespace) -> int:
+    """(every rank of a 2-rank mpiexec job) microseconds per all-reduce of `--n` floats, and CPU per call."""
+    import numpy as np
+
+    from .. import transport
+
+    t = transport.world()
+    g = transport.split_group(t, 0)
+    x = np.ones(args.n, dtype=np.float32)
+    for _ in range(200):
+        g.allreduce_sum(x.copy())
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    for _ in range(args.calls):
+        g.allreduce_sum(x.copy())
+    wall, cpu = (time.perf_counter() - t0) / args.calls, (time.process_time() - cpu0) / args.calls
+    got = t.gather_obj((wall, cpu))
+    if t.rank == 0:
+        print("RESULT " + json.dumps({"us": 1e6 * max(w for w, _ in got), "cpu_us": 1e6 * max(c for _, c in got)}),
+              flush=True)
+    t.close()
+    return 0
+
+
+# ---- the driver -------------------------------------------------------------------------------------------------
+
+def _run(cmd: list[str], env: dict | None = None, timeout: float = 1800) -> dict:
+    root = str(Path(__file__).resolve().parents[2])
+    full = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {}))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=full, timeout=timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def _mpiexec() -> str:
+    return str(Path(sys.executable).parent / "mpiexec")
+
+
+def _eval_cmd(n_ranks: int, opts: list[str], args: argparse.Namespace) -> list[str]:
+    cmd = [sys.executable, "-m", "core.tools.tp_bench", "--job", "eval", "--model", str(args.model),
+           "--prompt", str(args.prompt), "--decode", str(args.decode), "--repeat", str(args.repeat), "--", *opts]
+    return ([_mpiexec(), "-n", str(n_ranks)] + cmd) if n_ranks > 1 else cmd
+
+
+def _cpu() -> str:
+    name, flags = "?", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and name == "?":
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{name}, {os.cpu_count()} cores, {simd}"
+
+
+def project(one: dict, tp2: dict, ar_us: float, ar_tree_us: float, n_layer: int, ranks: list[int],
+            node_gbs: float, weight_mib: float) -> list[dict]:
+    """Decode on N ranks of one node, on paper. Per-token compute c(N) = s + p/N, with s (what every rank does
+    whole: norms, the stage input, the head's work) and p (what divides: products, attention, logits) solved
+    from 1 process (c1 = s + p) and --tp 2's slowest rank (c2 = s + p/2); plus 2 all-reduces per layer: the
+    p2p exchange costs (N-1) x its 2-rank time, MPI's tree log2(N) x; plus --tp 2's remaining overhead (input
+    broadcast, logits gather, waits). Capped by the node's DRAM bandwidth over the weight bytes per token."""
+    c1 = one["decode_compute_ms"][0]
+    c2 = max(tp2["decode_compute_ms"])
+    p = max(0.0, 2 * (c1 - c2))
+    s = max(0.0, c1 - p)
+    ar2_ms = ar_us / 1000.0
+    other = max(0.0, tp2["decode_one_ms"] - c2 - 2 * n_layer * ar2_ms)
+    rows = []
+    for n in ranks:
+        compute = s + p / n
+        ar = 2 * n_layer * min(ar2_ms * (n - 1), ar_tree_us / 1000.0 * math.log2(n))
+        ms = compute + ar + other
+        bound = node_gbs * 1e9 / (weight_mib * MIB) if node_gbs else float("inf")
+        rows.append({"ranks": n, "compute_ms": compute, "allreduce_ms": ar, "other_ms": other,
+                     "tok_s": min(1000.0 / ms, bound), "dram_bound_tok_s": bound})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        argv, extra = argv[:argv.index("--")], argv[argv.index("--") + 1:]
+    p = argparse.ArgumentParser(prog="python -m core.tools.tp_bench", description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                   help=f"GGUF file (default {DEFAULT_MODEL}, written from the tinyllama preset if missing)")
+    p.add_argument("--prompt", type=int, default=64, help="prefill tokens (default 64)")
+    p.add_argument("--decode", type=int, default=16, help="decoded tokens (default 16)")
+    p.add_argument("--repeat", type=int, default=2, help="prefills per job, the best counts (default 2)")
+    p.add_argument("--rounds", type=int, default=1, help="runs of every configuration, in turn (default 1)")
+    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of: " + ", ".join(CONFIGS))
+    p.add_argument("--node-gbs", type=float, default=25.0,
+                   help="a node's DRAM read bandwidth for the projection's cap (default 25 GB/s, DESIGN.md)")
+    p.add_argument("--calls", type=int, default=2000, help="all-reduces timed (default 2000)")
+    p.add_argument("--n", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--json", action="store_true", help="print the raw results as JSON")
+    p.add_argument("--job", choices=("eval", "allreduce"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.opts = extra
+    if args.job == "eval":
+        return _eval_job(args)
+    if args.job == "allreduce":
+        return _allreduce_job(args)
+
+    if not args.model.exists() and args.model == DEFAULT_MODEL:
+        from .synth import write_synthetic
+        print(f"writing {args.model} (tinyllama preset, q4_0) ...", flush=True)
+        write_synthetic(args.model, "tinyllama", "q4_0")
+    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        p.error(f"unknown configuration {unknown[0]!r}")
+    load = os.getloadavg()
+    print(f"CPU: {_cpu()}; load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
+    print(f"model: {args.model} ({args.model.stat().st_size / MIB:.0f} MiB); prefill {args.prompt} tokens, "
+          f"decode {args.decode}", flush=True)
+    results: dict[str, dict] = {}
+    for _ in range(args.rounds):
+        for name in names:
+            n, opts = CONFIGS[name]
+            r = _run(_eval_cmd(n, opts, args))
+            best = results.get(name)
+            if best is None or r["decode_tok_s"] > best["decode_tok_s"]:
+                r["prefill_tok_s"] = max(r["prefill_tok_s"], best["prefill_tok_s"] if best else 0.0)
+                results[name] = r
+            elif r["prefill_tok_s"] > best["prefill_tok_s"]:
+                best["prefill_tok_s"] = r["prefill_tok_s"]
+            print(f"  {name}: decode {r['decode_tok_s']:.2f} tok/s, prefill {r['prefill_tok_s']:.1f} tok/s",
+                  flush=True)
+    n_embd = next(iter(results.values()))["n_embd"] if results else 2048
+    n_layer = next(iter(results.values()))["n_layer"] if results else 22
+    allreduce = {}
+    for method, spin in ALLREDUCE_VARIANTS:
+        cmd = [_mpiexec(), "-n", "2", sys.executable, "-m", "core.tools.tp_bench", "--job", "allreduce",
+               "--n", str(n_embd), "--calls", str(args.calls)]
+        env = {"LLAMA_MPI_ALLREDUCE": method} | ({"LLAMA_MPI_GROUP_SPIN_S": spin} if spin is not None else {})
+        label = method + (" (no spin, sleeps only)" if spin == "0" else "")
+        allreduce[label] = _run(cmd, env)
+    load = os.getloadavg()
+    out = {"cpu": _cpu(), "load_after": load, "configs": results, "allreduce": allreduce}
+    base = results.get("1 process x 1 thread")
+    if base and "--tp 2" in results:
+        out["projection"] = project(base, results["--tp 2"], allreduce["p2p"]["us"], allreduce["mpi"]["us"],
+                                    n_layer, [2, 4, 8, 16], args.node_gbs, sum(base["weight_mib"]))
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(report(out, base))
+    return 0
+
+
+def report(out: dict, base: dict | None) -> str:
+    lines = ["", f"{'configuration':<22} {'decode tok/s':>12} {'x':>6} {'prefill tok/s':>13} {'x':>6} {'load s':>7}  "
+             f"per-rank RSS MiB (budget: weights x 1.2 + KV + 150)"]
+    for name, r in out["configs"].items():
+        dx = r["decode_tok_s"] / base["decode_tok_s"] if base else float("nan")
+        px = r["prefill_tok_s"] / base["prefill_tok_s"] if base else float("nan")
+        rss = ", ".join(f"{m:.0f} ({w * 1.2 + kv + 150:.0f})" for m, w, kv in
+                        zip(r["rss_mib"], r["weight_mib"], r["kv_mib"]))
+        lines.append(f"{name:<22} {r['decode_tok_s']:>12.2f} {dx:>5.2f}x {r['prefill_tok_s']:>13.1f} {px:>5.2f}x "
+                     f"{r['load_s']:>7.1f}  {rss}")
+    lines.append("")
+    lines.append(f"one all-reduce of {next(iter(out['configs'].values()))['n_embd'] if out['configs'] else '?'} "
+                 f"floats between 2 ranks:")
+    for label, a in out["allreduce"].items():
+        lines.append(f"  {label:<34} {a['us']:8.1f} us   CPU {a['cpu_us']:8.1f} us per call")
+    if "projection" in out:
+        lines.append("")
+        lines.append("decode projected on paper (one node; per-token compute s + p/N solved from 1 process and "
+                     "--tp 2, 2 all-reduces a layer,")
+        lines.append("the p2p exchange at (N-1)x and MPI's tree at log2(N)x their 2-rank time, the cheaper "
+                     "taken; capped by DRAM bandwidth):")
+        lines.append(f"  {'ranks':>5} {'compute ms':>11} {'all-reduce ms':>14} {'other ms':>9} {'tok/s':>8} "
+                     f"{'DRAM cap':>9}")
+        for row in out["projection"]:
+            lines.append(f"  {row['ranks']:>5} {row['compute_ms']:>11.1f} {row['allreduce_ms']:>14.2f} "
+                         f"{row['other_ms']:>9.2f} {row['tok_s']:>8.1f} {row['dram_bound_tok_s']:>9.1f}")
+    la = out["load_after"]
+    lines.append(f"\nCPU: {out['cpu']}; load average after: {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
