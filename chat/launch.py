@@ -41,7 +41,8 @@ def cluster_settings(opts: ChatOptions) -> ClusterSettings:
                            layer_split=None if split is None else tuple(split),
                            rope_freq_base=opts.rope_freq_base, rope_freq_scale=opts.rope_freq_scale,
                            ubatch=env_ubatch(), tp=opts.tp, weights=opts.weights,
-                           local_weights=opts.weights if _explicit(opts, "--weights") else None)
+                           local_weights=opts.weights if _explicit(opts, "--weights") else None,
+                           rank_timeout=opts.rank_timeout)
 
 
 def check_hostfile(path: str) -> list[str]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from core.errors import UsageError
+from core.liveness import DEFAULT_RANK_TIMEOUT_S
 from core.partition import check_weights, parse_split
 from core.sampling import SamplingParams
 
@@ -33,6 +34,7 @@ class ChatOptions:
     mpi_layer_split: list[float] | None = None  # --mpi-layer-split w0,w1,...: one weight per stage
     tp: int = 1                               # --tp N: N consecutive ranks form one stage (tensor parallel)
     weights: str = "native"                   # --weights native|f32 (f32: dequantized once at load; per node)
+    rank_timeout: float = DEFAULT_RANK_TIMEOUT_S  # --rank-timeout S: name a rank silent this long; 0 = never
     threads: int = 1                          # -t: compute threads per rank
     n_ctx: int = DEFAULT_N_CTX                # -c
     n_batch: int = DEFAULT_N_BATCH            # -b
@@ -309,6 +311,9 @@ def _build_parser() -> _Parser:
     g.add_argument("--weights", choices=("native", "f32"), default="native",
                    help="f32: dequantize this node's matrices once at load and multiply with BLAS "
                         "(~2x faster per token, 4-8x the memory of a quantized file)")
+    g.add_argument("--rank-timeout", type=_float("--rank-timeout", 0.0), default=DEFAULT_RANK_TIMEOUT_S,
+                   metavar="S", help="end the job, naming the rank, when a rank gives no sign of life for S "
+                                     f"seconds (default {DEFAULT_RANK_TIMEOUT_S:g}; 0 = wait forever)")
     g.add_argument("--mpi-layer-split", type=_layer_split, metavar="W0,W1,..",
                    help="relative share of layers per rank, head first (default: equal)")
     g.add_argument("-t", "--threads", type=_int("-t/--threads", 1), default=1, metavar="N")

@@ -20,6 +20,7 @@ from typing import Any, Callable, Protocol
 
 from . import faults, transport
 from .errors import LlamaMpiError, PipelineError, UsageError, one_line
+from .liveness import DEFAULT_RANK_TIMEOUT_S
 from .loader import ModelFile, open_model
 from .model import Stage
 from .partition import format_layers, split_layers
@@ -50,6 +51,7 @@ class ClusterSettings:
     tp: int = 1                                   # ranks per stage (tensor parallelism); 1 = layer split only
     weights: str = "native"                       # "native" or "f32" (dequantized at load; node-local)
     local_weights: str | None = None              # --weights given on this node: a worker keeps it
+    rank_timeout: float = DEFAULT_RANK_TIMEOUT_S  # name a rank silent this long (core/liveness.py); 0 = never
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,7 @@ def start(settings: ClusterSettings, mode: str, n_ranks: int = 1, hostfile: str 
                 Path(placed).parent.rmdir()
     else:
         t = transport.world()
-    t.exchange_peers()
+    t.exchange_peers(settings.rank_timeout)              # the head's timeout counts: it judges
     if t.rank != 0:
         _serve(t, supervised, settings.model, settings.local_threads, settings.local_weights)
         return None            # exit 0 even after a failure: the head's status is the job's (hydra
@@ -361,7 +363,7 @@ def _serve(t: Any, supervised: Supervised | None, local_model: str | None, local
     """A worker rank once MPI is up: tell its supervisor where the head listens, take its signals,
     then the start-up handshake and the serve loop. Returns the exit status."""
     if supervised is not None:
-        supervised.tell(t.head_notice)
+        supervised.tell(t.head_notice, t.head_beats)
     # SIGINT is ignored (mpiexec forwards Ctrl-C to every rank; the head decides); SIGTERM becomes a
     # failure reported to the head
     signal.signal(signal.SIGINT, signal.SIG_IGN)

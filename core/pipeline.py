@@ -407,7 +407,7 @@ class MpiPipeline(_HeadStage):
         try:
             return fn(*args)
         except PeerFailed as exc:
-            self._broken = f"{self.describe(exc.rank)} failed: {exc.what}"
+            self._broken = f"{self.describe(exc.rank)} {exc.said}"
             self._abort_workers(exc.rank)
             raise PipelineError(self._broken) from None
         except (KeyboardInterrupt, SystemExit) as exc:
@@ -458,8 +458,8 @@ def serve_worker(transport: Any, stage: Stage, tp: TPContext | None = None) -> i
                 apply_kv_op(stage, msg)
     except Aborted:
         return 1
-    except PeerFailed as exc:                                        # the head is gone: nobody to tell
-        transport.abort_job(1, f"rank {transport.rank}: lost rank {exc.rank}: {exc.what}")
+    except PeerFailed as exc:                                        # the head is gone or silent: nobody to tell
+        transport.abort_job(1, f"rank {transport.rank} ({transport.host}): rank {exc.rank} {exc.said}")
         return 1
     except BaseException as exc:                                     # noqa: BLE001 - report, then stop
         what = f"stopped by signal (exit {exc.code})" if isinstance(exc, SystemExit) else one_line(exc)

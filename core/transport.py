@@ -1,8 +1,8 @@
 """Transport: the only module that imports mpi4py. Moves control frames, float32 activations and small
 pickled records between ranks over one communicator whose rank 0 is the head, and tells which launcher
 started this process (`launcher`). Every wait is a poll with short sleeps, never a spinning MPI wait, and
-watches for trouble (the head's Abort; a worker's failure report, death notice or vanished pid). It must
-not know about models or layers: core/pipeline.py decides what to send.
+watches for trouble (the head's Abort; a worker's failure report, death notice or vanished pid; a rank's
+silence, core/liveness.py). It must not know about models or layers: core/pipeline.py decides what to send.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import numpy as np
 
 from .errors import PipelineError
 from .control import FRAME_LEN, Abort, Message, Shutdown, decode, encode
+from .liveness import HeadBeats, RankBeats
 from .notice import NoticeBoard
 
 # Message tags (one per channel, so the channels never match each other's receives).
@@ -30,7 +31,7 @@ POLL_MIN_S = 20e-6           # first sleep of a wait; doubles each poll ...
 POLL_MAX_S = 0.002           # ... up to this while the wait is young (latency ~ this per hop)
 POLL_IDLE_S = 0.010          # ... and this once the wait is older than IDLE_AFTER_S (an idle worker)
 IDLE_AFTER_S = 1.0
-LIVENESS_EVERY_S = 0.25      # how often a waiting rank checks that its same-host peers still run
+LIVENESS_EVERY_S = 0.25      # how often a waiting rank checks that its same-host peers still run and all beat
 FINISH_TIMEOUT_S = 8.0       # how long a closing rank waits for the others to close too
 OUTPUT_DRAIN_S = 0.3         # pause before MPI_Abort so the launcher forwards the last lines printed
 
@@ -84,11 +85,14 @@ def launcher() -> Launcher:
 
 
 class PeerFailed(Exception):
-    """A peer reported a failure or vanished. `rank` is the rank at fault; `what` says what happened."""
+    """A peer reported a failure, vanished or fell silent. `rank` is the rank at fault; `what` says what
+    happened; `said` is how a message goes on after naming the rank ("failed: what", or what itself for a
+    rank that "has not answered for 10 s: ...")."""
 
-    def __init__(self, rank: int, what: str):
+    def __init__(self, rank: int, what: str, silent: bool = False):
         super().__init__(f"rank {rank}: {what}")
         self.rank, self.what = rank, what
+        self.said = what if silent else f"failed: {what}"
 
 
 class Aborted(Exception):
@@ -126,22 +130,35 @@ class Transport:
         self._report_req = None              # head: pending failure-report receive (any source)
         self._board: NoticeBoard | None = None   # head: where workers' supervisors report a dead rank
         self.head_notice: str | None = None  # everyone: the head's notice address "HOST:PORT" (core/notice.py)
+        self.head_beats: str | None = None   # everyone: where ranks beat (core/liveness.py); None: no timeout
+        self._beats: HeadBeats | RankBeats | None = None
+        self.lost: set[int] = set()          # ranks found gone or silent (see _mark_lost)
         self._last_liveness = time.monotonic()
         self._closed = False
 
     # ---- setup -----------------------------------------------------------------------------------
-    def exchange_peers(self) -> list[Peer]:
-        """Everyone learns every rank's host and pid, and the head's notice address (collective; called
-        once, before any model work)."""
+    def exchange_peers(self, rank_timeout: float = 0.0) -> list[Peer]:
+        """Everyone learns every rank's host and pid, the head's notice address and, when the head's
+        `rank_timeout` is not 0, where to beat (collective; called once, before any model work)."""
         if self.rank == 0:
             try:
                 self._board = NoticeBoard()
             except OSError:                  # no socket: same-host liveness checks still work
                 self._board = None
-        mine = (self.rank, self.host, os.getpid(), self._board.address if self._board else None)
+            if rank_timeout > 0 and self.size > 1:
+                try:
+                    self._beats = HeadBeats(rank_timeout)
+                except OSError:              # no socket: silent ranks cannot be told from slow ones
+                    self._beats = None
+        mine = (self.rank, self.host, os.getpid(), self._board.address if self._board else None,
+                self._beats.address if self._beats else None)
         table = self.comm.allgather(mine)
-        self.peers = [Peer(r, h, p) for r, h, p, _ in table]
-        self.head_notice = table[0][3]
+        self.peers = [Peer(r, h, p) for r, h, p, *_ in table]
+        self.head_notice, self.head_beats = table[0][3], table[0][4]
+        if self.rank == 0 and self._beats is not None:
+            self._beats.expect([(p.rank, p.host, p.pid) for p in self.peers[1:]], self.host)
+        elif self.rank != 0 and self.head_beats is not None:
+            self._beats = RankBeats(self.head_beats, self.rank)
         if self.rank == 0:
             self._post_report_recv()
         else:
@@ -189,9 +206,12 @@ class Transport:
             try:
                 os.kill(p.pid, 0)
             except ProcessLookupError:
-                raise PeerFailed(r, "the process is gone (killed or crashed)") from None
+                raise self._mark_lost(PeerFailed(r, "the process is gone (killed or crashed)")) from None
             except PermissionError:
                 pass
+        silent = self._beats.silent() if self._beats is not None else None
+        if silent is not None:
+            raise self._mark_lost(PeerFailed(*silent, silent=True))
 
     # ---- control channel (head -> workers) -------------------------------------------------------
     def send_ctrl(self, msg: Message, seq: int) -> None:
@@ -251,7 +271,13 @@ class Transport:
             raise PeerFailed(rank, text)
         notice = self._board.poll() if self._board is not None else None
         if notice is not None and 0 < notice[0] < self.size:
-            raise PeerFailed(*notice)
+            raise self._mark_lost(PeerFailed(*notice))
+
+    def _mark_lost(self, exc: PeerFailed) -> PeerFailed:
+        """Note a rank that is gone or silent: nothing more is sent to it (over TCP, MPICH's UCX netmod
+        crashes the sender of a message to a peer whose connection has closed)."""
+        self.lost.add(exc.rank)
+        return exc
 
     def poll_failure(self) -> None:
         """(head) raise PeerFailed if a worker has reported a failure or vanished, else return."""
@@ -333,7 +359,8 @@ class Transport:
     def send_ctrl_nowait(self, msg: Message, seq: int, grace_s: float) -> None:
         """(head) send a frame to every worker without trusting anyone to answer: gives up after grace_s."""
         frame = encode(msg, seq)
-        reqs = [self.comm.Isend([frame, self._mpi_int64()], dest=r, tag=TAG_CTRL) for r in range(1, self.size)]
+        reqs = [self.comm.Isend([frame, self._mpi_int64()], dest=r, tag=TAG_CTRL) for r in range(1, self.size)
+                if r not in self.lost]
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and not all(req.Test() for req in reqs):
             time.sleep(0.001)
@@ -364,6 +391,7 @@ class Transport:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 2)
         self.comm.Abort(code)
+        os._exit(code)                         # MPI_Abort returns when the launcher is out of reach
 
     def close(self, disconnect: bool = True) -> None:
         """Release pending receives; in spawn mode also disconnect (only when every rank is closing
@@ -373,6 +401,8 @@ class Transport:
         self._closed = True
         if self._board is not None:
             self._board.close()
+        if self._beats is not None:
+            self._beats.close()
         for req in (self._report_req, self._ctrl_req):
             if req is not None and not req.Test():
                 req.Cancel()

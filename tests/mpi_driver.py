@@ -20,13 +20,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.cluster import ClusterSettings, env_ubatch, launch_mode, start   # noqa: E402
 from core.errors import LlamaMpiError           # noqa: E402
+from core.liveness import DEFAULT_RANK_TIMEOUT_S  # noqa: E402
 from core.partition import parse_split          # noqa: E402
 
 
 def cluster_args(argv: list[str]) -> tuple[ClusterSettings, str, int]:
-    """llama-mpi's -m, -c (default 512), -t, --np, --tp, --weights and --mpi-layer-split, after an options
-    file given first (as on a node): this process's settings, the launch mode and the rank count of spawn
-    mode."""
+    """llama-mpi's -m, -c (default 512), -t, --np, --tp, --weights, --rank-timeout and --mpi-layer-split,
+    after an options file given first (as on a node): this process's settings, the launch mode and the rank
+    count of spawn mode."""
     if argv and not argv[0].startswith("-"):
         argv = shlex.split(Path(argv[0]).read_text(), comments=True) + argv[1:]
     p = argparse.ArgumentParser(prog="mpi_driver.py")
@@ -37,11 +38,12 @@ def cluster_args(argv: list[str]) -> tuple[ClusterSettings, str, int]:
     p.add_argument("--mpi-layer-split", type=parse_split)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--weights", choices=("native", "f32"))
+    p.add_argument("--rank-timeout", type=float, default=DEFAULT_RANK_TIMEOUT_S)
     a = p.parse_args(argv)
     split = None if a.mpi_layer_split is None else tuple(a.mpi_layer_split)
     settings = ClusterSettings(model=a.model, n_ctx=a.n_ctx, threads=a.threads or 1, local_threads=a.threads,
                                layer_split=split, ubatch=env_ubatch(), tp=a.tp, weights=a.weights or "native",
-                               local_weights=a.weights)
+                               local_weights=a.weights, rank_timeout=a.rank_timeout)
     return settings, launch_mode(a.np), a.np or 1
 from core.generate import Evaluated, GenerateSettings, Shifted, Token, greedy_sampler  # noqa: E402
 from core.generate import generate as stream                    # noqa: E402
