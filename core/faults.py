@@ -1,19 +1,25 @@
 """Fault injection, for the tests only: LLAMA_MPI_FAULT="RANK:N" makes rank RANK fail in the middle of its
-N-th evaluation with RuntimeError("injected fault at evaluation N").
+N-th evaluation with RuntimeError("injected fault at evaluation N"); LLAMA_MPI_SLOW="RANK:SECONDS" makes
+each of rank RANK's forward passes over more than one row (a prompt's micro-batches) SECONDS longer, busy
+in numpy as a slow node is, so that one step outlasts --rank-timeout.
 
 The one seam: core/cluster.py passes every rank's transport and stage through `inject` once they are set
-up; unless the variable names that rank they come back untouched, and the engine's own code knows nothing
+up; unless a variable names that rank they come back untouched, and the engine's own code knows nothing
 about faults. The head fails right after it sent the evaluation (the workers are mid-step); a worker right
 after computing its second micro-batch of it (or the only one), before passing it on.
 """
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
+
+import numpy as np
 
 from .control import Eval, Message
 
 FAULT_ENV = "LLAMA_MPI_FAULT"
+SLOW_ENV = "LLAMA_MPI_SLOW"
 
 
 def fault_after(spec: str | None, rank: int) -> int | None:
@@ -24,9 +30,20 @@ def fault_after(spec: str | None, rank: int) -> int | None:
     return int(n or 1) if int(r) == rank else None
 
 
+def slow_by(spec: str | None, rank: int) -> float | None:
+    """"1:5" -> 5.0 seconds on rank 1, None elsewhere."""
+    if not spec:
+        return None
+    r, _, seconds = spec.partition(":")
+    return float(seconds) if int(r) == rank else None
+
+
 def inject(transport: Any, stage: Any) -> tuple[Any, Any]:
-    """This rank's transport and stage, wrapped to fail as FAULT_ENV says (untouched when it does not
-    name this rank)."""
+    """This rank's transport and stage, wrapped to fail or be slow as FAULT_ENV and SLOW_ENV say
+    (untouched when they do not name this rank)."""
+    slow = slow_by(os.environ.get(SLOW_ENV), transport.rank)
+    if slow is not None:
+        stage = _SlowStage(stage, slow)
     after = fault_after(os.environ.get(FAULT_ENV), transport.rank)
     if after is None:
         return transport, stage
@@ -85,4 +102,24 @@ class _WorkerStage(_Wrapper):
             self._fault.forwards_left -= 1
             if self._fault.forwards_left == 0:
                 self._fault.fail()
+        return out
+
+
+class _SlowStage:
+    """A stage whose prompt steps take `seconds` longer, computing (numpy matrix products release the GIL
+    as the engine's kernels do, so the rank's other threads run meanwhile)."""
+
+    def __init__(self, inner: Any, seconds: float):
+        self._inner, self._seconds = inner, seconds
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def forward(self, h: Any, pos: int) -> Any:
+        out = self._inner.forward(h, pos)
+        if h.shape[0] > 1:
+            a = np.full((256, 256), 1.0 / 256, dtype=np.float32)       # (256, 256): a @ a stays finite
+            deadline = time.monotonic() + self._seconds
+            while time.monotonic() < deadline:
+                a = a @ a
         return out
