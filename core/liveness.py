@@ -8,9 +8,10 @@ host name (as MPI's launcher resolves it) every beat interval; a thread of the h
 (core/supervisor.py, another process on the rank's host) sends "KEY RANK s": never counted as the rank's
 life, it tells a stopped process (its host still answers) from a lost network (nothing answers).
 Threads, not the main thread: numpy releases the GIL in its long loops, so a rank busy for minutes on one
-step still beats (measured: beats every 100 ms arrived at most 118 ms apart through a 20 s TinyLlama
-prefill on one core), and a stopped process stops all of its threads. A process that was itself stopped
-blames nobody for that time. Must not import mpi4py or block the caller.
+step still beats (measured: a thread waking every 100 ms ran at most 118 ms apart while the main thread
+ran 512 tokens through 11 TinyLlama-shaped Q4_0 layers, 20 s on one core), and a stopped process stops
+all of its threads. A process that was itself stopped blames nobody for that time. Must not import mpi4py
+or block the caller.
 """
 from __future__ import annotations
 

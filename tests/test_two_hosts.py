@@ -1,8 +1,10 @@
-"""Two hosts on one machine: hydra's mpiexec starts rank 1 through tests/as_another_host.sh (an ssh
-stand-in that gives the rank its own host name, 127.0.0.2), so MPI treats it as another node and
-llama-mpi cannot see its process. Checks what only a real cluster shows: the plan names both hosts,
-results equal the single-process run, node-local options apply, and a killed rank on the other host
-is named by the head in one line (its supervisor's notice, core/notice.py) with every process gone."""
+"""Two host names on one machine: hydra's mpiexec starts rank 1 through tests/as_another_host.sh (an ssh
+stand-in that gives the rank its own host name, 127.0.0.2), so MPICH places it on another node and
+llama-mpi cannot watch its process. MPI's bytes do not cross a network here: UCX still sees one machine
+and uses shared memory (a 32-byte Allreduce: 10 us; 50 us with UCX_TLS=tcp). The tests over TCP are
+tests/test_netns.py (two network namespaces joined by a veth pair). Checked here: the plan names both
+hosts, results equal the single-process run, node-local options apply, and a killed rank on the other
+host is named by the head in one line (its supervisor's notice, core/notice.py) with every process gone."""
 from __future__ import annotations
 
 import os
