@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import signal
 import socket
 import sys
 import sysconfig
@@ -34,6 +35,7 @@ IDLE_AFTER_S = 1.0
 LIVENESS_EVERY_S = 0.25      # how often a waiting rank checks that its same-host peers still run and all beat
 FINISH_TIMEOUT_S = 8.0       # how long a closing rank waits for the others to close too
 OUTPUT_DRAIN_S = 0.3         # pause before MPI_Abort so the launcher forwards the last lines printed
+ABORT_WAIT_S = 5.0           # how long MPI_Abort may take before the process ends by itself
 
 _MPI = None
 
@@ -390,8 +392,12 @@ class Transport:
         time.sleep(OUTPUT_DRAIN_S)             # let the launcher forward what was printed before the kill
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 2)
+        # MPI_Abort may never return (spawn mode over TCP: it waits on a stopped peer, holding the GIL) or
+        # return at once (the launcher out of reach): either way this process ends, and its launcher
+        # ends the rest
+        _exit_after(ABORT_WAIT_S)
         self.comm.Abort(code)
-        os._exit(code)                         # MPI_Abort returns when the launcher is out of reach
+        os._exit(code)
 
     def close(self, disconnect: bool = True) -> None:
         """Release pending receives; in spawn mode also disconnect (only when every rank is closing
@@ -424,6 +430,20 @@ class Transport:
 
     def _mpi_int64(self) -> Any:
         return self._mpi().INT64_T
+
+
+def _exit_after(seconds: float) -> None:
+    """End this process after `seconds` even if its main thread is then stuck in C code holding the GIL
+    (no Python handler or thread could run): libc's _exit as the C handler of SIGALRM, so the status is
+    SIGALRM's number, 14, and no shell prints "Alarm clock"; the signal's default action elsewhere."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None)
+        libc.signal.restype, libc.signal.argtypes = ctypes.c_void_p, (ctypes.c_int, ctypes.c_void_p)
+        libc.signal(signal.SIGALRM, ctypes.cast(libc._exit, ctypes.c_void_p))
+    except (OSError, AttributeError):
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
 
 
 # ---- the three ways to get a communicator -------------------------------------------------------

@@ -24,8 +24,9 @@ from chat.launch import start_cluster
 from chat.options import parse_options
 from mpi_driver import generate
 from mpi_helpers import PROMPT, REPO, driver_cmd, load, model, mpiexec, rank_pid
-from netns import TwoHosts, netns, two_hosts, unavailable  # noqa: F401 - netns is the fixture
+from netns import LAUNCHER, TwoHosts, netns, two_hosts, unavailable  # noqa: F401 - netns is the fixture
 from test_cli_support import assert_no_rank_left, tagged_env, tagged_pids
+from test_idle_failure import worker_rank_pid
 from test_liveness import wait_beating
 
 T = 3.0                               # --rank-timeout of the failure tests
@@ -182,6 +183,34 @@ def test_link_down_while_the_head_waits_at_the_prompt(netns, tmp_path):
         proc.stdin.close()
         _ended(proc, tag, netns, GONE_S)
         assert [line for line in _rest(lines) if line.startswith("error:")] == []
+    finally:
+        _clean(proc, tag)
+
+
+def test_spawn_mode_over_the_link_names_a_stopped_worker(netns, tmp_path):
+    """`llama-mpi --np 2 --hostfile F` on the first host: MPICH's Spawn places the worker on the other one
+    (hydra takes the ssh stand-in from HYDRA_LAUNCHER_EXEC). The worker is stopped: named within the
+    timeout, and the head ends even though MPI_Abort waits forever on a stopped peer over TCP."""
+    hostfile = tmp_path / "spawn-hosts"
+    hostfile.write_text(f"{netns.other}:2\n")
+    env, tag = tagged_env(tmp_path, **netns.env, HYDRA_LAUNCHER="ssh", HYDRA_LAUNCHER_EXEC=str(LAUNCHER))
+    cli = [sys.executable, "-m", "chat", "--np", "2", "--hostfile", str(hostfile), "-m", model("stories260K"),
+           "-p", "Once upon a time", "-n", "-1", "--ignore-eos", "-c", "64", "--temp", "0", "--rank-timeout", f"{T:g}"]
+    proc = subprocess.Popen(netns.on(netns.head, cli), cwd=REPO, env=env, text=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, errors="replace", start_new_session=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line.rstrip("\n")) for line in proc.stderr], daemon=True).start()
+    try:
+        victim = worker_rank_pid(tag, timeout=60)
+        wait_beating(victim)
+        time.sleep(1.5)
+        os.kill(victim, signal.SIGSTOP)
+        t0 = time.monotonic()
+        seen = _lines_until(lines, "error:", T + 5)
+        assert time.monotonic() - t0 < T + 5
+        assert seen[-1] == f"error: rank 1 ({netns.other}, layers 3-4) {STOPPED}"
+        _ended(proc, tag, netns, 15)
+        assert [line for line in _rest(lines) if line.strip()] == []
     finally:
         _clean(proc, tag)
 
