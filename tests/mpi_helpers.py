@@ -175,3 +175,40 @@ def signal_and_collect(proc: subprocess.Popen, pid: int, sig: int, timeout: floa
     t_sig = time.monotonic()
     _, stderr = proc.communicate(timeout=timeout)
     return stderr, t_sig, time.monotonic() - t_sig
+
+
+def idle_cpu_of_ranks(cmd: list[str], out: Path, ranks: tuple[int, ...]) -> list[float]:
+    """Run a driver job started with --idle: while the head sleeps, the share of a core each of `ranks`
+    used over 2 s; the job must then end with 0."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "idle", proc.stderr.read()
+        pids = [rank_pid(str(out), r) for r in ranks]
+        time.sleep(0.3)                                    # the waits are past their young phase
+        before = [_cpu_seconds(p) for p in pids]
+        time.sleep(2.0)
+        used = [(_cpu_seconds(p) - b) / 2.0 for p, b in zip(pids, before)]
+        proc.communicate(timeout=30)
+        assert proc.returncode == 0
+        return used
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_watching_ranks(cmd: list[str], env: dict) -> tuple[subprocess.Popen, str, set[int]]:
+    """Run a job to its end, collecting the pids of its process tree while it runs: (proc, stderr, pids)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env,
+                            start_new_session=True)
+    seen: set[int] = set()
+    while proc.poll() is None:                             # collect the spawned ranks while they run
+        seen.update(descendants(proc.pid))
+        time.sleep(0.02)
+    _, stderr = proc.communicate()
+    return proc, stderr, seen

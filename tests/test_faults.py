@@ -6,13 +6,12 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
 
-from mpi_helpers import (REPO, cmdline, descendants, driver_cmd, environ, model, mpiexec, parent_pid,
-                         rank_pid, run, signal_and_collect, still_alive_after, wait_gone)
+from mpi_helpers import (REPO, cmdline, descendants, driver_cmd, environ, model, mpiexec, parent_pid, rank_pid, run,
+                         run_watching_ranks, signal_and_collect, still_alive_after, wait_gone)
 
 HOST = socket.gethostname()
 WORKER_MARK = "--llama-mpi-worker"
@@ -42,14 +41,7 @@ def test_injected_exception(tmp_path, n_ranks, env, line):
 def test_injected_exception_in_spawn_mode(tmp_path):
     out = tmp_path / "f.npz"
     cmd = driver_cmd(out, 12, ["-m", model("stories260K"), "--np", "3"])
-    env = dict(os.environ, LLAMA_MPI_FAULT="2:2")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env,
-                            start_new_session=True)
-    seen: set[int] = set()
-    while proc.poll() is None:                                  # collect the spawned ranks while they run
-        seen.update(descendants(proc.pid))
-        time.sleep(0.02)
-    _, stderr = proc.communicate()
+    proc, stderr, seen = run_watching_ranks(cmd, dict(os.environ, LLAMA_MPI_FAULT="2:2"))
     assert proc.returncode != 0
     assert error_lines(stderr)[0] == (
         f"error: rank 2 ({HOST}, layers 4) failed: RuntimeError: injected fault at evaluation 2")

@@ -6,11 +6,8 @@ the logit scale.
 """
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -18,7 +15,7 @@ import pytest
 from chat.launch import start_cluster
 from chat.options import parse_options
 from mpi_driver import generate, replay
-from mpi_helpers import REPO, PROMPT, driver_cmd, load, model, mpiexec, rank_pid, run
+from mpi_helpers import PROMPT, driver_cmd, idle_cpu_of_ranks, load, model, mpiexec, run
 
 N_GEN = 10
 
@@ -104,30 +101,12 @@ def test_context_shift_mid_generation_same_on_1_and_3_ranks(tmp_path):
     assert np.array_equal(got["logits"], ref_logits)
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def test_idle_workers_do_not_spin(tmp_path):
     """While the head waits (for user input), each worker polls with sleeps: <= 5% of a core."""
     out = tmp_path / "i.npz"
     cmd = driver_cmd(out, 2, ["-m", model("stories260K")], n_ranks=3, extra=["--idle", "3"])
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            start_new_session=True)
-    try:
-        assert proc.stdout.readline().strip() == "idle", proc.stderr.read()
-        pids = [rank_pid(str(out), r) for r in (1, 2)]
-        time.sleep(0.3)                                    # the waits are past their young phase
-        before = [_cpu_seconds(p) for p in pids]
-        time.sleep(2.0)
-        used = [(_cpu_seconds(p) - b) / 2.0 for p, b in zip(pids, before)]
-        assert max(used) <= 0.05, used
-        proc.communicate(timeout=30)
-        assert proc.returncode == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    used = idle_cpu_of_ranks(cmd, out, (1, 2))
+    assert max(used) <= 0.05, used
 
 
 def test_cli_greedy_text_is_the_same_on_every_launch_mode():

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from mpi_helpers import (REPO, descendants, driver_cmd, model, rank_pid, run, signal_and_collect, still_alive_after,
-                         wait_gone)
+from mpi_helpers import (REPO, descendants, driver_cmd, model, rank_pid, run, run_watching_ranks, signal_and_collect,
+                         still_alive_after, wait_gone)
 
 HOST = socket.gethostname()
 TP_OPTS = ["--tp", "2"]
@@ -38,13 +38,7 @@ def test_injected_exception_in_a_tp_rank(tmp_path, rank, ubatch):
 def test_injected_exception_in_a_spawned_tp_rank(tmp_path):
     out = tmp_path / "f.npz"
     cmd = driver_cmd(out, 12, ["-m", model("stories260K"), "--np", "2", *TP_OPTS])
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env=dict(os.environ, LLAMA_MPI_FAULT="1:3"), start_new_session=True)
-    seen: set[int] = set()
-    while proc.poll() is None:                              # collect the spawned ranks while they run
-        seen.update(descendants(proc.pid))
-        time.sleep(0.02)
-    _, stderr = proc.communicate()
+    proc, stderr, seen = run_watching_ranks(cmd, dict(os.environ, LLAMA_MPI_FAULT="1:3"))
     assert proc.returncode != 0
     assert error_lines(stderr)[0] == (f"error: rank 1 ({HOST}, layers 0-4, TP 1/2) failed: "
                                       "RuntimeError: injected fault at evaluation 3")

@@ -7,9 +7,7 @@ Failures of a TP rank are in test_faults.py.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -18,7 +16,7 @@ from chat.launch import start_cluster
 from chat.options import parse_options
 from core.tools.synth import write_synthetic
 from mpi_driver import generate, replay
-from mpi_helpers import REPO, PROMPT, driver_cmd, load, model, mpiexec, rank_pid, run
+from mpi_helpers import PROMPT, driver_cmd, idle_cpu_of_ranks, load, model, mpiexec, run
 
 N_GEN = 8
 ATOL = 1e-4
@@ -190,30 +188,12 @@ def test_cli_text_the_same_in_every_launch_mode(tmp_path):
                                           ["stage", "1", "TP", "0/2"], ["stage", "1", "TP", "1/2"]]
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def test_idle_tp_ranks_do_not_spin(tmp_path):
     """While the head waits (for user input), every other rank of a 2 x 2 layout sleeps: <= 5% of a core."""
     out = tmp_path / "i.npz"
     cmd = driver_cmd(out, 2, ["-m", model("stories260K"), "--tp", "2"], n_ranks=4, extra=["--idle", "3"])
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            start_new_session=True)
-    try:
-        assert proc.stdout.readline().strip() == "idle", proc.stderr.read()
-        pids = [rank_pid(str(out), r) for r in (1, 2, 3)]
-        time.sleep(0.3)
-        before = [_cpu_seconds(p) for p in pids]
-        time.sleep(2.0)
-        used = [(_cpu_seconds(p) - b) / 2.0 for p, b in zip(pids, before)]
-        assert max(used) <= 0.05, used
-        proc.communicate(timeout=30)
-        assert proc.returncode == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    used = idle_cpu_of_ranks(cmd, out, (1, 2, 3))
+    assert max(used) <= 0.05, used
 
 
 def tinyllama_q4_0() -> str:
