@@ -24,7 +24,7 @@ from .liveness import DEFAULT_RANK_TIMEOUT_S
 from .loader import ModelFile, open_model
 from .model import Stage
 from .partition import format_layers, split_layers
-from .pipeline import LocalPipeline, MpiPipeline, Pipeline, serve_worker
+from .pipeline import LocalPipeline, MpiPipeline, Pipeline, proc_bytes, serve_worker
 from .shard import TPShard, f32_bytes, share_bytes
 from .tp_group import Layout, TPContext, spawn_hostfile, stage_shards
 from .supervisor import Supervised, supervise
@@ -449,14 +449,7 @@ def rank_plan(model: ModelFile, rank: int, host: str, layers: range, n_ctx: int,
 
 def mem_available() -> int:
     """This host's available memory in bytes (/proc/meminfo MemAvailable; 0 where unknown)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+    return proc_bytes("/proc/meminfo", "MemAvailable:")
 
 
 def memory_problems(plans: list[RankPlan]) -> list[tuple[int, str]]:

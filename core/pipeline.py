@@ -57,12 +57,17 @@ class RankStats:
 
 def rss_bytes() -> int:
     """Resident set size of this process (Linux /proc; 0 where unavailable)."""
+    return proc_bytes("/proc/self/status", "VmRSS:")
+
+
+def proc_bytes(path: str, key: str) -> int:
+    """The `KEY: N kB` line of a /proc file, in bytes (0 where unavailable)."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(key):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError, IndexError):
         pass
     return 0
 
