@@ -3,6 +3,7 @@ process it starts, and check afterwards that none of them is left behind."""
 from __future__ import annotations
 
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -58,6 +59,17 @@ def tagged_pids(tag: str) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def kill_job(proc, tag: str) -> None:
+    """Clean-up after a job test: the job's process group and every tagged process, by SIGKILL."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    for pid in tagged_pids(tag):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def assert_no_rank_left(tag: str, grace_s: float = 8.0) -> None:

@@ -21,7 +21,7 @@ import pytest
 
 from mpi_driver import generate
 from mpi_helpers import PROMPT, REPO, driver_cmd, load, model, rank_pid
-from test_cli_support import assert_no_rank_left, chat_cmd, mpiexec_or_skip, tagged_env, tagged_pids
+from test_cli_support import assert_no_rank_left, chat_cmd, kill_job, mpiexec_or_skip, tagged_env
 from test_idle_failure import worker_rank_pid
 
 from chat.launch import cluster_settings
@@ -260,15 +260,6 @@ def wait_beating(pid: int, timeout: float = 30) -> None:
     pytest.fail(f"process {pid} never started beating")
 
 
-def _stop(proc: subprocess.Popen, tag: str) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-    for pid in tagged_pids(tag):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-
 
 @pytest.mark.parametrize("n_ranks, spawn, opts, victim, named", [
     (3, False, (), 2, f"error: rank 2 ({HERE}, layers 4) {STOPPED}"),
@@ -289,7 +280,7 @@ def test_a_stopped_worker_is_named_within_the_timeout(tmp_path, n_ranks, spawn, 
         assert proc.wait(timeout=10) != 0
         assert_no_rank_left(tag, grace_s=10)
     finally:
-        _stop(proc, tag)
+        kill_job(proc, tag)
 
 
 def test_a_stopped_head_makes_the_workers_end_the_job(tmp_path):
@@ -309,7 +300,7 @@ def test_a_stopped_head_makes_the_workers_end_the_job(tmp_path):
         assert proc.wait(timeout=10) != 0
         assert_no_rank_left(tag, grace_s=10)
     finally:
-        _stop(proc, tag)
+        kill_job(proc, tag)
 
 
 def test_a_worker_stopped_while_the_head_waits_for_input_is_named(tmp_path):
@@ -334,7 +325,7 @@ def test_a_worker_stopped_while_the_head_waits_for_input_is_named(tmp_path):
         assert_no_rank_left(tag, grace_s=10)
     finally:
         proc.stdin.close()
-        _stop(proc, tag)
+        kill_job(proc, tag)
 
 
 def _wait_for(lines: queue.Queue, needle: str, timeout: float) -> bool:
@@ -366,7 +357,7 @@ def test_rank_timeout_0_waits_for_a_stopped_worker(tmp_path):
         assert proc.returncode == 0, stderr
         assert len(load(out)["tokens"]) == 1000
     finally:
-        _stop(proc, tag)
+        kill_job(proc, tag)
 
 
 @pytest.mark.parametrize("slow_rank", [1, 0], ids=["worker", "head"])

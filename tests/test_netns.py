@@ -25,7 +25,7 @@ from chat.options import parse_options
 from mpi_driver import generate
 from mpi_helpers import PROMPT, REPO, driver_cmd, load, model, mpiexec, rank_pid
 from netns import LAUNCHER, TwoHosts, netns, two_hosts, unavailable  # noqa: F401 - netns is the fixture
-from test_cli_support import assert_no_rank_left, tagged_env, tagged_pids
+from test_cli_support import assert_no_rank_left, kill_job, tagged_env
 from test_idle_failure import worker_rank_pid
 from test_liveness import wait_beating
 
@@ -75,15 +75,6 @@ def _ended(proc: subprocess.Popen, tag: str, netns: TwoHosts, grace_s: float) ->
     assert netns.pids() == []
 
 
-def _clean(proc: subprocess.Popen, tag: str) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-    for pid in tagged_pids(tag):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-
 
 @pytest.mark.parametrize("name", ["stories260K", "fx256-q4_k_m"])
 def test_greedy_over_the_link_equals_one_process(netns, tmp_path, name):
@@ -131,7 +122,7 @@ def test_kill_9_of_the_remote_rank_is_named_through_the_notice(netns, tmp_path):
         assert [line for line in seen + _rest(lines) if line.strip()] == [
             f"error: rank 1 ({netns.other}, layers 3-4) {KILLED}"]
     finally:
-        _clean(proc, tag)
+        kill_job(proc, tag)
 
 
 def test_sigstop_of_the_remote_rank_is_named_within_the_timeout(netns, tmp_path):
@@ -145,7 +136,7 @@ def test_sigstop_of_the_remote_rank_is_named_within_the_timeout(netns, tmp_path)
         assert [line for line in seen + _rest(lines) if line.strip()] == [
             f"error: rank 1 ({netns.other}, layers 3-4) {STOPPED}"]
     finally:
-        _clean(proc, tag)
+        kill_job(proc, tag)
 
 
 @pytest.mark.parametrize("end", ["head", "other"])
@@ -163,7 +154,7 @@ def test_link_down_mid_generation_is_named_and_every_process_ends(netns, tmp_pat
         assert [line for line in seen + _rest(lines) if line.strip()] == [
             f"error: rank 1 ({netns.other}, layers 3-4) {CUT_OFF}"]
     finally:
-        _clean(proc, tag)
+        kill_job(proc, tag)
 
 
 def test_link_down_while_the_head_waits_at_the_prompt(netns, tmp_path):
@@ -184,7 +175,7 @@ def test_link_down_while_the_head_waits_at_the_prompt(netns, tmp_path):
         _ended(proc, tag, netns, GONE_S)
         assert [line for line in _rest(lines) if line.startswith("error:")] == []
     finally:
-        _clean(proc, tag)
+        kill_job(proc, tag)
 
 
 def test_spawn_mode_over_the_link_names_a_stopped_worker(netns, tmp_path):
@@ -212,7 +203,7 @@ def test_spawn_mode_over_the_link_names_a_stopped_worker(netns, tmp_path):
         _ended(proc, tag, netns, 15)
         assert [line for line in _rest(lines) if line.strip()] == []
     finally:
-        _clean(proc, tag)
+        kill_job(proc, tag)
 
 
 def test_the_namespaces_are_removed_whatever_happens(tmp_path):
