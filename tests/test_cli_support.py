@@ -3,13 +3,16 @@ process it starts, and check afterwards that none of them is left behind."""
 from __future__ import annotations
 
 import os
-import signal
+import queue
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -59,6 +62,29 @@ def tagged_pids(tag: str) -> list[int]:
         except OSError:
             continue
     return found
+
+
+class StderrLines:
+    """A running job's stderr lines as they come (a thread reads them), and every line seen so far."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.seen: list[str] = []
+        self._lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [self._lines.put(line.rstrip("\n")) for line in proc.stderr],
+                         daemon=True).start()
+
+    def until(self, found: Callable[[str], bool], timeout: float) -> str | None:
+        """The first line for which found() is true within `timeout` s (None if none came)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self._lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            self.seen.append(line)
+            if found(line):
+                return line
+        return None
 
 
 def kill_job(proc, tag: str) -> None:

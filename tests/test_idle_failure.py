@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import os
-import queue
 import signal
 import socket
 import subprocess
@@ -24,7 +23,7 @@ import pytest
 
 pexpect = pytest.importorskip("pexpect")
 
-from test_cli_support import (REPO, assert_no_rank_left, chat_cmd, mpiexec_or_skip,  # noqa: E402
+from test_cli_support import (REPO, StderrLines, assert_no_rank_left, chat_cmd, mpiexec_or_skip,  # noqa: E402
                               tagged_env, tagged_pids)
 from test_pty import finish, spawn, wait_for_prompt  # noqa: E402
 from mpi_helpers import environ  # noqa: E402
@@ -189,21 +188,11 @@ def test_mpiexec_plain_reader_notices_a_killed_worker_without_input(tmp_path, fi
     cmd = [mpiexec_or_skip(), "-n", "2", *chat_cmd("-m", model, "--interactive-first", "-p", "Once", "-c", "64")]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env=env, cwd=REPO, text=True, errors="replace", start_new_session=True)
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line.rstrip("\n")) for line in proc.stderr], daemon=True).start()
-    seen: list[str] = []
+    lines = StderrLines(proc)
+    seen = lines.seen
 
     def read_until(needle: str, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            seen.append(line)
-            if needle in line:
-                return True
-        return False
+        return lines.until(lambda line: needle in line, timeout) is not None
 
     try:
         assert read_until("Ctrl-D quits", 30), seen           # the preamble: the chat is about to read

@@ -8,12 +8,10 @@ process of the job left. A rank that is only slow (one step longer than the time
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -21,7 +19,7 @@ import pytest
 
 from mpi_driver import generate
 from mpi_helpers import PROMPT, REPO, driver_cmd, load, model, rank_pid
-from test_cli_support import assert_no_rank_left, chat_cmd, kill_job, mpiexec_or_skip, tagged_env
+from test_cli_support import StderrLines, assert_no_rank_left, chat_cmd, kill_job, mpiexec_or_skip, tagged_env
 from test_idle_failure import worker_rank_pid
 
 from chat.launch import cluster_settings
@@ -211,24 +209,13 @@ def test_process_state_reads_a_stopped_process():
 
 # ---- whole jobs on one machine ----------------------------------------------------------------------
 
-def _collect(proc: subprocess.Popen) -> queue.Queue:
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line.rstrip("\n")) for line in proc.stderr], daemon=True).start()
-    return lines
+def _collect(proc: subprocess.Popen) -> StderrLines:
+    return StderrLines(proc)
 
 
-def _await_line(lines: queue.Queue, start: str, timeout: float) -> tuple[str | None, list[str]]:
-    """The first line starting with `start` within `timeout` s, and every line seen meanwhile."""
-    seen, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
-        except queue.Empty:
-            break
-        seen.append(line)
-        if line.startswith(start):
-            return line, seen
-    return None, seen
+def _await_line(lines: StderrLines, start: str, timeout: float) -> tuple[str | None, list[str]]:
+    """The first line starting with `start` within `timeout` s, and every line seen so far."""
+    return lines.until(lambda line: line.startswith(start), timeout), lines.seen
 
 
 def _long_run(tmp_path, *, n_ranks: int, spawn: bool = False, opts: tuple[str, ...] = (), env: dict | None = None):
@@ -328,15 +315,8 @@ def test_a_worker_stopped_while_the_head_waits_for_input_is_named(tmp_path):
         kill_job(proc, tag)
 
 
-def _wait_for(lines: queue.Queue, needle: str, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line, _ = _await_line(lines, "", deadline - time.monotonic())
-        if line is None:
-            return False
-        if needle in line:
-            return True
-    return False
+def _wait_for(lines: StderrLines, needle: str, timeout: float) -> bool:
+    return lines.until(lambda line: needle in line, timeout) is not None
 
 
 def test_rank_timeout_0_waits_for_a_stopped_worker(tmp_path):
