@@ -212,3 +212,14 @@ def run_watching_ranks(cmd: list[str], env: dict) -> tuple[subprocess.Popen, str
         time.sleep(0.02)
     _, stderr = proc.communicate()
     return proc, stderr, seen
+
+
+OTHER_HOST = "127.0.0.2"       # the other host's name (an address, so nothing needs to resolve it)
+
+
+def other_host_or_skip() -> None:
+    """Skip (with the reason) unless a process can be given another host name here (unshare --uts)."""
+    probe = subprocess.run(["unshare", "--uts", "sh", "-c", f"hostname {OTHER_HOST} && hostname"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0 or probe.stdout.strip() != OTHER_HOST:
+        pytest.skip(f"cannot give a process another host name here (unshare --uts: {probe.stderr.strip()})")

@@ -3,24 +3,20 @@ fills hosts group by group, so a TP group never straddles two hosts; the text eq
 from __future__ import annotations
 
 import socket
-import subprocess
 import sys
 
 import pytest
 
-from mpi_helpers import REPO, model, run
+from mpi_helpers import OTHER_HOST, REPO, model, other_host_or_skip, run
 
 LAUNCHER = REPO / "tests" / "as_another_host.sh"
-OTHER = "127.0.0.2"
+OTHER = OTHER_HOST
 HOST = socket.gethostname()
 
 
 @pytest.fixture(scope="module")
 def other_host_env():
-    probe = subprocess.run(["unshare", "--uts", "sh", "-c", f"hostname {OTHER} && hostname"],
-                           capture_output=True, text=True)
-    if probe.returncode != 0 or probe.stdout.strip() != OTHER:
-        pytest.skip(f"cannot give a process another host name here (unshare --uts: {probe.stderr.strip()})")
+    other_host_or_skip()
     return {"HYDRA_LAUNCHER": "ssh", "HYDRA_LAUNCHER_EXEC": str(LAUNCHER)}
 
 

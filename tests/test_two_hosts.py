@@ -21,22 +21,19 @@ import pytest
 from chat.launch import start_cluster
 from chat.options import parse_options
 from mpi_driver import generate
-from mpi_helpers import (PROMPT, REPO, cmdline, descendants, driver_cmd, load, model, mpiexec, parent_pid,
-                         rank_pid, run, signal_and_collect, still_alive_after)
+from mpi_helpers import (OTHER_HOST, PROMPT, REPO, cmdline, descendants, driver_cmd, load, model, mpiexec,
+                         other_host_or_skip, parent_pid, rank_pid, run, signal_and_collect, still_alive_after)
 
 WORKER_MARK = "--llama-mpi-worker"     # in a spawned worker's command line
 
 LAUNCHER = REPO / "tests" / "as_another_host.sh"
-OTHER = "127.0.0.2"            # the other host's name (an address, so nothing needs to resolve it)
+OTHER = OTHER_HOST
 HOST = socket.gethostname()
 
 
 @pytest.fixture(scope="module")
 def launcher():
-    probe = subprocess.run(["unshare", "--uts", "sh", "-c", f"hostname {OTHER} && hostname"],
-                           capture_output=True, text=True)
-    if probe.returncode != 0 or probe.stdout.strip() != OTHER:
-        pytest.skip(f"cannot give a process another host name here (unshare --uts: {probe.stderr.strip()})")
+    other_host_or_skip()
     return [mpiexec(), "-launcher", "ssh", "-launcher-exec", str(LAUNCHER)]
 
 
