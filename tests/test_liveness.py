@@ -248,6 +248,21 @@ def wait_beating(pid: int, timeout: float = 30) -> None:
 
 
 
+def _stop_mid_generation(pid: int, proc: subprocess.Popen, tag: str, lines: StderrLines,
+                         start: str) -> tuple[str | None, list[str]]:
+    """SIGSTOP `pid` well into the generation: the first line starting with `start` (within the timeout
+    + 5 s) and the lines seen; the job then ends with a non-zero status and no process left."""
+    wait_beating(pid)
+    time.sleep(1.5)                                             # well into the generation
+    os.kill(pid, signal.SIGSTOP)
+    t_stop = time.monotonic()
+    line, seen = _await_line(lines, start, T + 5)
+    assert time.monotonic() - t_stop < T + 5, seen
+    assert proc.wait(timeout=10) != 0
+    assert_no_rank_left(tag, grace_s=10)
+    return line, seen
+
+
 @pytest.mark.parametrize("n_ranks, spawn, opts, victim, named", [
     (3, False, (), 2, f"error: rank 2 ({HERE}, layers 4) {STOPPED}"),
     (2, True, (), 1, f"error: rank 1 ({HERE}, layers 3-4) {STOPPED}"),
@@ -257,15 +272,8 @@ def test_a_stopped_worker_is_named_within_the_timeout(tmp_path, n_ranks, spawn, 
     proc, tag, lines = _long_run(tmp_path, n_ranks=n_ranks, spawn=spawn, opts=opts)
     try:
         pid = worker_rank_pid(tag) if spawn else rank_pid(str(tmp_path / "o.npz"), victim)
-        wait_beating(pid)
-        time.sleep(1.5)                                             # well into the generation
-        os.kill(pid, signal.SIGSTOP)
-        t_stop = time.monotonic()
-        line, seen = _await_line(lines, "error:", T + 5)
+        line, seen = _stop_mid_generation(pid, proc, tag, lines, "error:")
         assert line == named, seen
-        assert time.monotonic() - t_stop < T + 5
-        assert proc.wait(timeout=10) != 0
-        assert_no_rank_left(tag, grace_s=10)
     finally:
         kill_job(proc, tag)
 
@@ -276,16 +284,9 @@ def test_a_stopped_head_makes_the_workers_end_the_job(tmp_path):
     proc, tag, lines = _long_run(tmp_path, n_ranks=3)
     try:
         head = rank_pid(str(tmp_path / "o.npz"), 0)
-        wait_beating(head)
-        time.sleep(1.5)
-        os.kill(head, signal.SIGSTOP)
-        t_stop = time.monotonic()
-        line, seen = _await_line(lines, "llama-mpi: rank", T + 5)
+        line, seen = _stop_mid_generation(head, proc, tag, lines, "llama-mpi: rank")
         assert line is not None and line.endswith(
             "rank 0 has not answered for 3 s: the process is stopped or its network is down"), seen
-        assert time.monotonic() - t_stop < T + 5
-        assert proc.wait(timeout=10) != 0
-        assert_no_rank_left(tag, grace_s=10)
     finally:
         kill_job(proc, tag)
 
