@@ -154,7 +154,8 @@ class LoadBars:
             now = time.monotonic()
             self._t0 = now if self._t0 is None else self._t0
             decile = 10 * done // max(total, 1)
-            if decile > self._decile.get(rank, 0) and now - self._last_line.get(rank, self._t0) >= self.LINE_EVERY_S:
+            quiet_for = now - self._last_line.get(rank, self._t0)
+            if decile > self._decile.get(rank, 0) and quiet_for >= self.LINE_EVERY_S:
                 self._decile[rank], self._last_line[rank] = decile, now
                 self.ui.info(f"loading: {self._label(rank)} {10 * decile}% ({done}/{total} layers)")
             return
