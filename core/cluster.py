@@ -442,7 +442,8 @@ def rank_plan(model: ModelFile, rank: int, host: str, layers: range, n_ctx: int,
         head_names = {"token_embd.weight", "output_norm.weight", "output.weight"} if rank == 0 else set()
         weight = sum(int(t.n_bytes) for t in model.reader.tensors
                      if t.name in head_names or t.name[:t.name.find(".", 4) + 1] in names)
-    kv = shard.kv_bytes(len(layers), n_ctx) if shard is not None else 2 * len(layers) * n_ctx * cfg.n_head_kv * cfg.head_dim * 4
+    kv = (shard.kv_bytes(len(layers), n_ctx) if shard is not None
+          else 2 * len(layers) * n_ctx * cfg.n_head_kv * cfg.head_dim * 4)
     return RankPlan(rank, host, layers, weight, kv, path, threads, stage, layout.index(rank), layout.tp, weights,
                     mem_available())
 
