@@ -137,7 +137,9 @@ class HeadBeats(_Beater):
                 return f"{said}: the process is stopped"
             return f"{said}: the process is stopped or stuck"
         host = self._host_heard.get(rank)
-        if host is not None and now - host <= self.timeout_s:
+        # the host answers if its supervisor beat just now: when the link went down, its last beat is
+        # at most one interval younger than the rank's, so nearly as old as the timeout
+        if host is not None and now - host <= min(self._stall, self.timeout_s / 2):
             return f"{said}: the process is stopped or stuck (its host still answers)"
         if host is not None:
             return f"{said}, nor has its host: the network to it or the host is down"
