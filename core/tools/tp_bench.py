@@ -100,24 +100,29 @@ def _eval_job(args: argparse.Namespace) -> int:
 
 
 def _allreduce_job(args: argparse.Namespace) -> int:
-    """(every rank of a 2-rank mpiexec job) microseconds per all-reduce of `--n` floats, and CPU per call."""
+    """(every rank of a 2-rank mpiexec job) microseconds per all-reduce of `--n` floats (one token's partial)
+    and of `--prompt` times as many (a prefill's), and CPU per call."""
     import numpy as np
 
     from .. import transport
 
     t = transport.world()
     g = transport.split_group(t, 0)
-    x = np.ones(args.n, dtype=np.float32)
-    for _ in range(200):
-        g.allreduce_sum(x.copy())
-    cpu0, t0 = time.process_time(), time.perf_counter()
-    for _ in range(args.calls):
-        g.allreduce_sum(x.copy())
-    wall, cpu = (time.perf_counter() - t0) / args.calls, (time.process_time() - cpu0) / args.calls
-    got = t.gather_obj((wall, cpu))
+    out = {}
+    for key, n, calls in (("", args.n, args.calls), ("prefill_", args.n * args.prompt, max(20, args.calls // 20))):
+        x = np.ones(n, dtype=np.float32)
+        for _ in range(max(10, calls // 10)):
+            g.allreduce_sum(x.copy())
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        for _ in range(calls):
+            g.allreduce_sum(x.copy())
+        wall, cpu = (time.perf_counter() - t0) / calls, (time.process_time() - cpu0) / calls
+        got = t.gather_obj((wall, cpu))
+        if t.rank == 0:
+            out[key + "us"] = 1e6 * max(w for w, _ in got)
+            out[key + "cpu_us"] = 1e6 * max(c for _, c in got)
     if t.rank == 0:
-        print("RESULT " + json.dumps({"us": 1e6 * max(w for w, _ in got), "cpu_us": 1e6 * max(c for _, c in got)}),
-              flush=True)
+        print("RESULT " + json.dumps(out), flush=True)
     t.close()
     return 0
 
@@ -125,13 +130,70 @@ def _allreduce_job(args: argparse.Namespace) -> int:
 # ---- the driver -------------------------------------------------------------------------------------------------
 
 def _run(cmd: list[str], env: dict | None = None, timeout: float = 1800) -> dict:
+    """Run one job; its RESULT, with `others_during`: the mean number of foreign processes running."""
+    import threading
+
     root = str(Path(__file__).resolve().parents[2])
     full = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {}))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=full, timeout=timeout)
+    samples: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.1):
+            samples.append(foreign_running())
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=full, timeout=timeout)
+    finally:
+        done.set()
+        sampler.join()
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    result = json.loads(lines[-1][len("RESULT "):])
+    result["others_during"] = sum(samples) / len(samples) if samples else 0.0
+    return result
+
+
+MARK = b"core.tools.tp_bench"     # in the command line of every process of this benchmark
+
+
+def foreign_running() -> int:
+    """Processes running right now that are not this benchmark's (a shared machine's other work)."""
+    n = 0
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            if Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[0] != "R":
+                continue
+            cmdline = Path(f"/proc/{d}/cmdline").read_bytes()
+        except (OSError, IndexError):
+            continue
+        if cmdline and MARK not in cmdline:
+            n += 1
+    return n
+
+
+def others_running(seconds: float = 1.0) -> float:
+    """foreign_running() averaged over `seconds`."""
+    samples = []
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        samples.append(foreign_running())
+        time.sleep(0.05)
+    return sum(samples) / len(samples)
+
+
+def wait_quiet(limit: float, max_wait_s: float) -> float:
+    """Wait (at most max_wait_s) until others_running() <= limit; returns the last figure."""
+    deadline = time.monotonic() + max_wait_s
+    busy = others_running()
+    while busy > limit and time.monotonic() < deadline:
+        time.sleep(2.0)
+        busy = others_running()
+    return busy
 
 
 def _mpiexec() -> str:
@@ -199,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="a node's DRAM read bandwidth for the projection's cap (default 25 GB/s, DESIGN.md)")
     p.add_argument("--calls", type=int, default=2000, help="all-reduces timed (default 2000)")
     p.add_argument("--n", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--quiet", type=float, default=0.2, metavar="N",
+                   help="before each job wait until at most N other processes run on average (default 0.2)")
+    p.add_argument("--max-wait", type=float, default=300.0, help="... but no longer than this many s (default 300)")
     p.add_argument("--json", action="store_true", help="print the raw results as JSON")
     p.add_argument("--job", choices=("eval", "allreduce"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -217,33 +282,39 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown configuration {unknown[0]!r}")
     load = os.getloadavg()
-    print(f"CPU: {_cpu()}; load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
+    log = sys.stderr if args.json else sys.stdout
+    print(f"CPU: {_cpu()}; load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", file=log, flush=True)
     print(f"model: {args.model} ({args.model.stat().st_size / MIB:.0f} MiB); prefill {args.prompt} tokens, "
-          f"decode {args.decode}", flush=True)
+          f"decode {args.decode}", file=log, flush=True)
     results: dict[str, dict] = {}
     for _ in range(args.rounds):
         for name in names:
             n, opts = CONFIGS[name]
+            busy = wait_quiet(args.quiet, args.max_wait)
             r = _run(_eval_cmd(n, opts, args))
+            r["others_before"] = busy
             best = results.get(name)
             if best is None or r["decode_tok_s"] > best["decode_tok_s"]:
                 r["prefill_tok_s"] = max(r["prefill_tok_s"], best["prefill_tok_s"] if best else 0.0)
                 results[name] = r
             elif r["prefill_tok_s"] > best["prefill_tok_s"]:
                 best["prefill_tok_s"] = r["prefill_tok_s"]
-            print(f"  {name}: decode {r['decode_tok_s']:.2f} tok/s, prefill {r['prefill_tok_s']:.1f} tok/s",
-                  flush=True)
+            print(f"  {name}: decode {r['decode_tok_s']:.2f} tok/s, prefill {r['prefill_tok_s']:.1f} tok/s "
+                  f"(other processes running: {busy:.2f} before, {r['others_during']:.2f} during)",
+                  file=sys.stderr if args.json else sys.stdout, flush=True)
     n_embd = next(iter(results.values()))["n_embd"] if results else 2048
     n_layer = next(iter(results.values()))["n_layer"] if results else 22
     allreduce = {}
     for method, spin in ALLREDUCE_VARIANTS:
         cmd = [_mpiexec(), "-n", "2", sys.executable, "-m", "core.tools.tp_bench", "--job", "allreduce",
-               "--n", str(n_embd), "--calls", str(args.calls)]
+               "--n", str(n_embd), "--calls", str(args.calls), "--prompt", str(args.prompt)]
         env = {"LLAMA_MPI_ALLREDUCE": method} | ({"LLAMA_MPI_GROUP_SPIN_S": spin} if spin is not None else {})
         label = method + (" (no spin, sleeps only)" if spin == "0" else "")
+        wait_quiet(args.quiet, args.max_wait)
         allreduce[label] = _run(cmd, env)
     load = os.getloadavg()
-    out = {"cpu": _cpu(), "load_after": load, "configs": results, "allreduce": allreduce}
+    out = {"cpu": _cpu(), "load_after": load, "configs": results, "allreduce": allreduce, "n_embd": n_embd,
+           "prompt": args.prompt}
     base = results.get("1 process x 1 thread")
     if base and "--tp 2" in results:
         out["projection"] = project(base, results["--tp 2"], allreduce["p2p"]["us"], allreduce["mpi"]["us"],
@@ -256,20 +327,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(out: dict, base: dict | None) -> str:
-    lines = ["", f"{'configuration':<22} {'decode tok/s':>12} {'x':>6} {'prefill tok/s':>13} {'x':>6} {'load s':>7}  "
-             f"per-rank RSS MiB (budget: weights x 1.2 + KV + 150)"]
+    lines = ["", f"{'configuration':<22} {'decode tok/s':>12} {'x':>6} {'prefill tok/s':>13} {'x':>6} {'load s':>7} "
+             f"{'others':>6}  per-rank RSS MiB (budget: weights x 1.2 + KV + 150)"]
     for name, r in out["configs"].items():
         dx = r["decode_tok_s"] / base["decode_tok_s"] if base else float("nan")
         px = r["prefill_tok_s"] / base["prefill_tok_s"] if base else float("nan")
         rss = ", ".join(f"{m:.0f} ({w * 1.2 + kv + 150:.0f})" for m, w, kv in
                         zip(r["rss_mib"], r["weight_mib"], r["kv_mib"]))
         lines.append(f"{name:<22} {r['decode_tok_s']:>12.2f} {dx:>5.2f}x {r['prefill_tok_s']:>13.1f} {px:>5.2f}x "
-                     f"{r['load_s']:>7.1f}  {rss}")
+                     f"{r['load_s']:>7.1f} {r.get('others_during', 0.0):>6.2f}  {rss}")
+    lines.append("others: foreign processes running on average during the kept run (0 = the machine was ours)")
     lines.append("")
-    lines.append(f"one all-reduce of {next(iter(out['configs'].values()))['n_embd'] if out['configs'] else '?'} "
-                 f"floats between 2 ranks:")
+    lines.append(f"one all-reduce between 2 ranks of n_embd = {out['n_embd']} floats (a token), and of "
+                 f"{out['prompt']} x n_embd (the prefill's):")
     for label, a in out["allreduce"].items():
-        lines.append(f"  {label:<34} {a['us']:8.1f} us   CPU {a['cpu_us']:8.1f} us per call")
+        lines.append(f"  {label:<34} {a['us']:8.1f} us (CPU {a['cpu_us']:7.1f})   prefill's {a['prefill_us']:9.1f} us "
+                     f"(CPU {a['prefill_cpu_us']:8.1f})")
     if "projection" in out:
         lines.append("")
         lines.append("decode projected on paper (one node; per-token compute s + p/N solved from 1 process and "
