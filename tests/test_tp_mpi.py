@@ -75,6 +75,13 @@ def test_tp_matches_one_process(tmp_path, name, n, tp):
     assert got["n_past"].tolist() == [len(PROMPT) + N_GEN] * n             # every rank's cache in step
 
 
+@pytest.mark.parametrize("n, tp", [(3, 3), (4, 2)])
+def test_point_to_point_allreduce(tmp_path, n, tp):
+    """The hand-rolled exchange (LLAMA_MPI_ALLREDUCE=p2p; MPI_Iallreduce is the default) gives the same."""
+    got = tp_run(tmp_path, model("fx256-q4_k_m"), n, tp, env={"LLAMA_MPI_ALLREDUCE": "p2p"})
+    check(got, ref(model("fx256-q4_k_m")))
+
+
 def test_2d_pipelined_prefill_and_stats(tmp_path):
     """2 stages of --tp 2 with micro-batches of 8: stage 1's group works on micro-batch i while stage 0's
     works on i+1. Per-rank stats: the TP index, each rank about half of its stage's weights and KV."""
