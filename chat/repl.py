@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, TextIO
+from typing import Callable, Protocol, TextIO
 
 from core.transport import launcher
 
@@ -26,11 +26,27 @@ from .lines import LineAssembler, ScriptTurn, apply_line_rule, join_turn, wants_
 from .options import ReaderSettings
 from .render import Renderer
 
-if TYPE_CHECKING:
-    from .session import ChatSession
-
-
 WATCH_EVERY_S = 0.25          # how often a waiting reader calls the session's peer_watch hook
+
+class TurnHooks(Protocol):
+    """What a reader calls on the chat session (chat/session.py) while it waits for a turn."""
+    peer_watch: Callable[[], None] | None       # raises when a rank failed; None: nothing to watch
+
+    def refresh_rank_ms(self) -> None: ...
+
+    def toolbar(self) -> str: ...
+
+
+class NoHooks:
+    """TurnHooks of a reader used without a chat session: nothing to watch, an empty toolbar."""
+    peer_watch = None
+
+    def refresh_rank_ms(self) -> None:
+        pass
+
+    def toolbar(self) -> str:
+        return ""
+
 
 PTK_STYLES = {"prompt": "ansiyellow nobold", "output": "nobold noinherit", "error": "bold ansired",
               "user": "bold ansigreen"}
@@ -217,9 +233,9 @@ class PlainReader:
                     raise
                 last = time.monotonic()
 
-    def read_turn(self, session: "ChatSession", instruct: bool) -> str | None:
+    def read_turn(self, session: TurnHooks, instruct: bool) -> str | None:
         lines = LineAssembler(self.multiline)
-        watch = getattr(session, "peer_watch", None)
+        watch = session.peer_watch
         ahead, complete = self.typed.take_turn(self.multiline)
         self.ui.begin_user_input()
         try:
@@ -256,7 +272,7 @@ class ScriptReader:
         self.turns = list(turns)
         self.ui = ui
 
-    def read_turn(self, session: "ChatSession", instruct: bool) -> str | None:
+    def read_turn(self, session: TurnHooks, instruct: bool) -> str | None:
         if not self.turns:
             return None
         turn = self.turns.pop(0).text()
@@ -313,7 +329,7 @@ class TerminalReader:
                                             style=Style.from_dict(style), include_default_pygments_style=False,
                                             color_depth=None if ui.color else _mono_depth())
 
-    def read_turn(self, session: "ChatSession", instruct: bool) -> str | None:
+    def read_turn(self, session: TurnHooks, instruct: bool) -> str | None:
         session.refresh_rank_ms()
         # prompt_toolkit draws from column 0: hand it the cursor's row (e.g. "User:") as its message
         row = self.ui.take_last_row(self.prompt_session.output.get_size().columns)
@@ -321,7 +337,7 @@ class TerminalReader:
             self.ui.out.file.write("\r")
             self.ui.out.file.flush()
         message = [(PTK_STYLES.get(style, "") if self.ui.color else "", text) for text, style in row]
-        watch = getattr(session, "peer_watch", None)
+        watch = session.peer_watch
         app = self.prompt_session.app
         ahead, complete = self.typed.take_turn(self.multiline)
         try:

@@ -9,7 +9,7 @@ from chat.commands import Command, parse_command
 from chat.lines import (LineAssembler, ScriptTurn, apply_line_rule, decode_script, join_turn, split_script,
                         wants_more)
 from chat.render import Renderer
-from chat.repl import PlainReader, ScriptReader, TerminalReader
+from chat.repl import NoHooks, PlainReader, ScriptReader, TerminalReader
 from chat.script import Transcript, load_script
 from core.errors import UsageError
 
@@ -75,10 +75,10 @@ def test_plain_reader_applies_the_rules_and_echoes_piped_turns():
     out = io.StringIO()
     ui = Renderer(color=False, out=out, err=io.StringIO())
     r = PlainReader(io.StringIO("a\\\nb\nc/\nlast"), ui, multiline=False, echo=True)
-    assert r.read_turn(None, False) == "a\nb\n"
-    assert r.read_turn(None, False) == "c"
-    assert r.read_turn(None, False) == "last\n"                   # end of input ends the turn
-    assert r.read_turn(None, False) is None
+    assert r.read_turn(NoHooks(), False) == "a\nb\n"
+    assert r.read_turn(NoHooks(), False) == "c"
+    assert r.read_turn(NoHooks(), False) == "last\n"                   # end of input ends the turn
+    assert r.read_turn(NoHooks(), False) is None
     assert out.getvalue() == "a\\\nb\nc/\nlast\n"
 
 
@@ -86,7 +86,7 @@ def test_script_reader_echoes_in_user_colour():
     out = io.StringIO()
     ui = Renderer(color=True, out=out, err=io.StringIO())
     r = ScriptReader([ScriptTurn(1, ("hi",))], ui)
-    assert r.read_turn(None, False) == "hi\n" and r.read_turn(None, False) is None
+    assert r.read_turn(NoHooks(), False) == "hi\n" and r.read_turn(NoHooks(), False) is None
     assert out.getvalue() == "\x1b[1;32mhi\x1b[0m\n"
 
 
@@ -143,31 +143,24 @@ def test_terminal_reader_with_prompt_toolkit_pipe_input(monkeypatch, tmp_path):
 
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
 
-    class FakeSession:                       # only the two hooks the reader calls between turns
-        def refresh_rank_ms(self):
-            pass
-
-        def toolbar(self):
-            return "ctx 0/512"
-
     with create_pipe_input() as inp, create_app_session(input=inp, output=DummyOutput()):
         ui = Renderer(color=False, out=io.StringIO(), err=io.StringIO())
         reader = TerminalReader(ui, multiline=False)
         inp.send_text("one\\\rtwo\r")
-        assert reader.read_turn(FakeSession(), False) == "one\ntwo\n"
+        assert reader.read_turn(NoHooks(), False) == "one\ntwo\n"
         inp.send_text("no newline/\r")
-        assert reader.read_turn(FakeSession(), False) == "no newline"
+        assert reader.read_turn(NoHooks(), False) == "no newline"
         inp.send_text("\x04")                # Ctrl-D on an empty line
-        assert reader.read_turn(FakeSession(), False) is None
+        assert reader.read_turn(NoHooks(), False) is None
     assert (tmp_path / "llama-mpi" / "history").read_text().count("+one\\") == 1
 
     with create_pipe_input() as inp, create_app_session(input=inp, output=DummyOutput()):
         reader = TerminalReader(ui, multiline=True)
         inp.send_text("a\rb\\\r")
-        assert reader.read_turn(FakeSession(), False) == "a\nb\n"
+        assert reader.read_turn(NoHooks(), False) == "a\nb\n"
         inp.send_text("x\x03")               # Ctrl-C at the prompt
         with pytest.raises(KeyboardInterrupt):
-            reader.read_turn(FakeSession(), False)
+            reader.read_turn(NoHooks(), False)
 
 
 def test_last_row_handed_to_the_line_editor():

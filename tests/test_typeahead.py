@@ -18,7 +18,7 @@ import pytest
 
 from chat.interrupts import ChatCtrlC, CtrlCWatcher, LoadingCtrlC, make_chat_ctrl_c
 from chat.render import Renderer
-from chat.repl import PlainReader, ScriptReader, TerminalReader, TypeAhead
+from chat.repl import NoHooks, PlainReader, ScriptReader, TerminalReader, TypeAhead
 
 # -- the buffer -------------------------------------------------------------------------------------
 
@@ -113,31 +113,23 @@ def test_plain_reader_shows_what_was_typed_ahead_and_goes_on_with_the_line():
     ui, out = quiet_ui()
     typed = fed(b"hello\nzebra")
     r = PlainReader(io.StringIO(" crossing\n"), ui, multiline=False, echo=False, typed=typed)
-    assert r.read_turn(None, False) == "hello\n"                      # a whole line: sent, nothing read
-    assert r.read_turn(None, False) == "zebra crossing\n"
+    assert r.read_turn(NoHooks(), False) == "hello\n"                      # a whole line: sent, nothing read
+    assert r.read_turn(NoHooks(), False) == "zebra crossing\n"
     assert out.getvalue() == "hello\nzebra"                            # shown as the terminal would have
-    assert r.read_turn(None, False) is None
+    assert r.read_turn(NoHooks(), False) is None
 
 
 def test_plain_reader_type_ahead_keeps_the_line_rules_and_end_of_input():
     ui, _ = quiet_ui()
     r = PlainReader(io.StringIO("two\n"), ui, multiline=False, echo=False, typed=fed(b"one\\\n"))
-    assert r.read_turn(None, False) == "one\ntwo\n"
+    assert r.read_turn(NoHooks(), False) == "one\ntwo\n"
     r = PlainReader(io.StringIO(""), ui, multiline=False, echo=False, typed=fed(b"zeb"))
-    assert r.read_turn(None, False) == "zeb\n"                        # Ctrl-D after it: the line as it is
-    assert r.read_turn(None, False) is None
+    assert r.read_turn(NoHooks(), False) == "zeb\n"                        # Ctrl-D after it: the line as it is
+    assert r.read_turn(NoHooks(), False) is None
     ui, out = quiet_ui(color=True)
     r = PlainReader(io.StringIO("ra\n"), ui, multiline=False, echo=False, typed=fed(b"zeb"))
-    assert r.read_turn(None, False) == "zebra\n"
+    assert r.read_turn(NoHooks(), False) == "zebra\n"
     assert out.getvalue().endswith("zeb\x1b[0m\x1b[1;32m\x1b[0m")    # green again for the rest of the line
-
-
-class FakeSession:                       # only the two hooks the prompt_toolkit reader calls
-    def refresh_rank_ms(self):
-        pass
-
-    def toolbar(self):
-        return "ctx 0/512"
 
 
 def test_terminal_reader_prefills_the_editor_and_submits_whole_lines(monkeypatch, tmp_path):
@@ -149,13 +141,13 @@ def test_terminal_reader_prefills_the_editor_and_submits_whole_lines(monkeypatch
     typed = fed(b"hello\nsecond\\\nline\nzebra")
     with create_pipe_input() as inp, create_app_session(input=inp, output=DummyOutput()):
         reader = TerminalReader(quiet_ui()[0], multiline=False, typed=typed)
-        assert reader.read_turn(FakeSession(), False) == "hello\n"               # nothing typed at the prompt
-        assert reader.read_turn(FakeSession(), False) == "second\nline\n"
+        assert reader.read_turn(NoHooks(), False) == "hello\n"               # nothing typed at the prompt
+        assert reader.read_turn(NoHooks(), False) == "second\nline\n"
         inp.send_text(" crossing\r")                                            # the cursor is at the end
-        assert reader.read_turn(FakeSession(), False) == "zebra crossing\n"
+        assert reader.read_turn(NoHooks(), False) == "zebra crossing\n"
         typed.feed(b"caf\xc3\xa9")
         inp.send_text("\x7f\x7f\x7f\x7f\x7fcrossing\r")                          # and it edits like typed text
-        assert reader.read_turn(FakeSession(), False) == "crossing\n"
+        assert reader.read_turn(NoHooks(), False) == "crossing\n"
     history = (tmp_path / "llama-mpi" / "history").read_text()
     assert "+hello" in history and "+zebra crossing" in history
 
