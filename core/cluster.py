@@ -24,7 +24,8 @@ from .liveness import DEFAULT_RANK_TIMEOUT_S
 from .loader import ModelFile, open_model
 from .model import Stage
 from .partition import format_layers, split_layers
-from .pipeline import LocalPipeline, MpiPipeline, Pipeline, proc_bytes, serve_worker
+from .pipeline import LocalPipeline, MpiPipeline, Pipeline, serve_worker
+from .procfs import proc_bytes
 from .shard import TPShard, f32_bytes, share_bytes
 from .tp_group import Layout, TPContext, spawn_hostfile, stage_shards
 from .supervisor import Supervised, supervise

@@ -20,6 +20,8 @@ import socket
 import threading
 import time
 
+from .procfs import process_state
+
 DEFAULT_RANK_TIMEOUT_S = 10.0   # --rank-timeout; 0 = wait forever
 MAX_BEAT_S = 1.0                # beats come at least this often ...
 BEATS_PER_TIMEOUT = 5           # ... and at least this many per timeout
@@ -49,15 +51,6 @@ def split_address(address: str) -> tuple[str, int, str, float]:
     where, key, timeout = address.split("/")
     host, _, port = where.rpartition(":")
     return host, int(port), key, float(timeout)
-
-
-def process_state(pid: int) -> str:
-    """A process's state letter from /proc ("T": stopped), "" where unknown."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return ""
 
 
 class _Beater:

@@ -23,6 +23,7 @@ from .errors import ContextOverflowError, PipelineError, one_line
 from .kv_cache import check_shift, check_truncate
 from .model import Stage, check_token_ids
 from .partition import format_layers
+from .procfs import proc_bytes
 from .tp_group import TPContext, group_logits, single
 from .transport import Aborted, PeerFailed
 
@@ -58,18 +59,6 @@ class RankStats:
 def rss_bytes() -> int:
     """Resident set size of this process (Linux /proc; 0 where unavailable)."""
     return proc_bytes("/proc/self/status", "VmRSS:")
-
-
-def proc_bytes(path: str, key: str) -> int:
-    """The `KEY: N kB` line of a /proc file, in bytes (0 where unavailable)."""
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
 
 
 class Pipeline(Protocol):

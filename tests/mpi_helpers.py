@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from core.procfs import cpu_seconds, parent_pid, process_state
+
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = REPO / "tests" / "mpi_driver.py"
 FIXTURE_MODELS = REPO.parent / "shared" / "fixtures" / "models"
@@ -89,8 +91,10 @@ def rank_pid(marker: str, rank: int, timeout: float = 20) -> int:
             try:
                 env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-                ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
+            except OSError:
+                continue
+            ppid = parent_pid(pid)
+            if not ppid:
                 continue
             if f"PMI_RANK={rank}".encode() in env and b"python" in cmd:
                 found.append((pid, ppid))
@@ -108,9 +112,8 @@ def descendants(pid: int) -> list[int]:
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
-        try:
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
+        ppid = parent_pid(int(d.name))
+        if not ppid:
             continue
         children.setdefault(ppid, []).append(int(d.name))
     out, todo = [], [pid]
@@ -125,11 +128,7 @@ def alive(pids: list[int]) -> list[int]:
     """The pids that still exist and are not zombies."""
     left = []
     for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
+        if process_state(pid) not in ("Z", ""):
             left.append(pid)
     return left
 
@@ -148,14 +147,6 @@ def cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
-
-
-def parent_pid(pid: int) -> int:
-    """A process's parent pid (0 once it is gone)."""
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 def environ(pid: int) -> dict[str, str]:
@@ -186,20 +177,15 @@ def idle_cpu_of_ranks(cmd: list[str], out: Path, ranks: tuple[int, ...]) -> list
         assert proc.stdout.readline().strip() == "idle", proc.stderr.read()
         pids = [rank_pid(str(out), r) for r in ranks]
         time.sleep(0.3)                                    # the waits are past their young phase
-        before = [_cpu_seconds(p) for p in pids]
+        before = [cpu_seconds(p) for p in pids]
         time.sleep(2.0)
-        used = [(_cpu_seconds(p) - b) / 2.0 for p, b in zip(pids, before)]
+        used = [(cpu_seconds(p) - b) / 2.0 for p, b in zip(pids, before)]
         proc.communicate(timeout=30)
         assert proc.returncode == 0
         return used
     finally:
         if proc.poll() is None:
             proc.kill()
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_watching_ranks(cmd: list[str], env: dict) -> tuple[subprocess.Popen, str, set[int]]:

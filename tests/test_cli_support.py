@@ -16,6 +16,7 @@ from typing import Callable
 
 import pytest
 
+from core.procfs import process_state
 from mpi_helpers import cmdline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,7 +102,7 @@ def kill_job(proc, tag: str) -> None:
 def assert_no_rank_left(tag: str, grace_s: float = 8.0) -> None:
     deadline = time.monotonic() + grace_s
     while True:
-        left = [p for p in tagged_pids(tag) if not _zombie(p)]
+        left = [p for p in tagged_pids(tag) if process_state(p) not in ("Z", "")]   # "": gone
         if not left:
             return
         if time.monotonic() > deadline:
@@ -113,14 +114,6 @@ def assert_no_rank_left(tag: str, grace_s: float = 8.0) -> None:
                     pass
             raise AssertionError(f"processes left behind: {cmdlines}")
         time.sleep(0.2)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from mpi_helpers import (REPO, cmdline, descendants, driver_cmd, environ, model, mpiexec, parent_pid, rank_pid, run,
+from core.procfs import parent_pid
+from mpi_helpers import (REPO, cmdline, descendants, driver_cmd, environ, model, mpiexec, rank_pid, run,
                          run_watching_ranks, signal_and_collect, still_alive_after, wait_gone)
 
 HOST = socket.gethostname()

@@ -28,6 +28,7 @@ from test_cli_support import (REPO, StderrLines, assert_no_rank_left, chat_cmd, 
 from test_pty import finish, spawn, wait_for_prompt  # noqa: E402
 from mpi_helpers import environ  # noqa: E402
 
+from core.procfs import stat_fields  # noqa: E402
 from core.supervisor import SUPERVISE_GRACE_S  # noqa: E402
 
 from chat.render import Renderer  # noqa: E402
@@ -131,13 +132,6 @@ def test_prompt_toolkit_prompt_is_left_when_the_watch_fails(monkeypatch, tmp_pat
             assert reader.read_turn(session, False) == "a line\n"
 
 
-def _stat(pid: int) -> tuple[str, int]:
-    """(state, parent pid) of a process."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return fields[0], int(fields[1])
-
-
 def worker_rank_pid(tag: str, timeout: float = 20) -> int:
     """The MPI process of the worker rank (not its supervisor, which is its parent and looks the same:
     the rank is the tagged python process whose parent is a tagged python process of the same rank)."""
@@ -146,7 +140,8 @@ def worker_rank_pid(tag: str, timeout: float = 20) -> int:
         info = {}
         for pid in tagged_pids(tag):
             try:
-                state, ppid = _stat(pid)
+                fields = stat_fields(pid)
+                state, ppid = fields[0], int(fields[1])
                 cmd = open(f"/proc/{pid}/cmdline", "rb").read()
                 env = environ(pid)
             except (OSError, ValueError, IndexError):

@@ -26,7 +26,8 @@ from chat.launch import cluster_settings
 from chat.options import parse_options
 from core.cluster import ClusterSettings, start
 from core.errors import UsageError
-from core.liveness import DEFAULT_RANK_TIMEOUT_S, HOST, HeadBeats, RankBeats, process_state
+from core.liveness import DEFAULT_RANK_TIMEOUT_S, HOST, HeadBeats, RankBeats
+from core.procfs import process_state
 
 HERE = socket.gethostname()
 T = 3.0                          # --rank-timeout of the job tests

@@ -20,9 +20,10 @@ import pytest
 
 from chat.launch import start_cluster
 from chat.options import parse_options
+from core.procfs import parent_pid
 from mpi_driver import generate
 from mpi_helpers import (OTHER_HOST, PROMPT, REPO, cmdline, descendants, driver_cmd, load, model, mpiexec,
-                         other_host_or_skip, parent_pid, rank_pid, run, signal_and_collect, still_alive_after)
+                         other_host_or_skip, rank_pid, run, signal_and_collect, still_alive_after)
 
 WORKER_MARK = "--llama-mpi-worker"     # in a spawned worker's command line
 

@@ -19,11 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc (same host)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+from ..procfs import cpu_seconds
 
 
 def _job(args: argparse.Namespace) -> int:
@@ -47,11 +43,11 @@ def _job(args: argparse.Namespace) -> int:
             pipe.ubatch = ub
             pipe.kv_clear()
             before = [s.compute_ms for s in pipe.stats()]
-            cpu0 = [_cpu_seconds(p.pid) for p in t.peers]
+            cpu0 = [cpu_seconds(p.pid) for p in t.peers]
             t0 = time.perf_counter()
             logits[name] = pipe.eval(prompt)                      # (n_vocab,)
             wall = time.perf_counter() - t0
-            cpu = [_cpu_seconds(p.pid) - c for p, c in zip(t.peers, cpu0)]
+            cpu = [cpu_seconds(p.pid) - c for p, c in zip(t.peers, cpu0)]
             if wall < best.get(name, float("inf")):
                 best[name] = wall
                 compute[name] = [(s.compute_ms - b) / 1e3 for s, b in zip(pipe.stats(), before)]
@@ -70,9 +66,9 @@ def _job(args: argparse.Namespace) -> int:
     result["kv_mib"] = [s.kv_bytes / 2**20 for s in stats]
     # an idle worker: the head makes no MPI call for `idle` seconds, as when it waits for user input
     workers = [p for p in t.peers[1:] if p.host == t.host]
-    before = {p.rank: _cpu_seconds(p.pid) for p in workers}
+    before = {p.rank: cpu_seconds(p.pid) for p in workers}
     time.sleep(args.idle)
-    result["idle_cpu_percent"] = {p.rank: 100.0 * (_cpu_seconds(p.pid) - before[p.rank]) / args.idle
+    result["idle_cpu_percent"] = {p.rank: 100.0 * (cpu_seconds(p.pid) - before[p.rank]) / args.idle
                                   for p in workers}
     pipe.close()
     print(json.dumps(result), flush=True)

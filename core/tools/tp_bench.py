@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..procfs import process_state
+
 DEFAULT_MODEL = Path("/tmp/llama-mpi-tinyllama-q4_0.gguf")
 CONFIGS = {  # name -> (ranks, options)
     "1 process x 1 thread": (1, []),
@@ -165,11 +167,11 @@ def foreign_running() -> int:
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
+        if process_state(int(d)) != "R":
+            continue
         try:
-            if Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[0] != "R":
-                continue
             cmdline = Path(f"/proc/{d}/cmdline").read_bytes()
-        except (OSError, IndexError):
+        except OSError:
             continue
         if cmdline and MARK not in cmdline:
             n += 1
