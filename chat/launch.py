@@ -13,6 +13,7 @@ from typing import Callable
 from core.cluster import ClusterSettings, LoadWatcher, Plan, env_ubatch, launch_mode, start
 from core.errors import UsageError
 from core.pipeline import Pipeline
+from core.tp_group import hostfile_entries
 
 from .options import ChatOptions, read_user_file
 
@@ -49,11 +50,7 @@ def check_hostfile(path: str) -> list[str]:
     """Hosts of an MPICH hostfile (`host[:slots]` per line, `#` comments; Open MPI's `host slots=N` is
     read too). Checked before spawning, because hydra's own failure kills the head without a word."""
     text = read_user_file(path, "--hostfile:").decode("utf-8", errors="replace")
-    hosts = []
-    for line in text.splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            hosts.append(line.split()[0].split(":", 1)[0])
+    hosts = [name for name, _ in hostfile_entries(text)]
     if not hosts:
         raise UsageError(f"--hostfile: '{path}' names no host")
     for host in hosts:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UsageError
-from .shard import TPShard, plan_stage
+from .shard import TPShard, assemble_logits, plan_stage
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ def group_logits(tp: TPContext, stage: Any, rows: np.ndarray | None, n_rows: int
         except BaseException:
             g.owner.cancel(recvs)
             raise
-        return np.concatenate([mine, *parts], axis=-1)                # (n_rows, n_vocab)
+        return assemble_logits([mine, *parts])                        # (n_rows, n_vocab)
     if rows is None:                                                    # more than one stage: from rank 0
         rows = np.empty((n_rows, n_embd), dtype=np.float32)
         g.wait(g.irecv_into(rows, 0))
@@ -156,14 +156,10 @@ def group_logits(tp: TPContext, stage: Any, rows: np.ndarray | None, n_rows: int
     return None
 
 
-
-def spawn_hostfile(text: str, head_host: str, n_workers: int, tp: int) -> str:
-    """Spawn mode's hostfile for --tp: the workers placed group by group. The head's N-1 group peers run on
-    the head's host; each later group runs whole on one host of the user's hostfile (MPICH `host[:slots]`
-    or Open MPI `host slots=N` lines, `#` comments), hosts in order, a host taking slots // N groups (at
-    least one), round again if the groups outnumber them. The result lists `host:count` in launch order,
-    which MPICH's Spawn fills one host after the other."""
-    hosts = []
+def hostfile_entries(text: str) -> list[tuple[str, int | None]]:
+    """(host, slots or None) of each line of a hostfile: MPICH's `host[:slots]` or Open MPI's
+    `host slots=N`, `#` comments and blank lines skipped."""
+    entries = []
     for line in text.splitlines():
         words = line.split("#", 1)[0].split()
         if not words:
@@ -172,7 +168,16 @@ def spawn_hostfile(text: str, head_host: str, n_workers: int, tp: int) -> str:
         for w in words[1:]:
             if w.startswith("slots="):
                 slots = w[6:]
-        hosts.append((name, max(1, int(slots) // tp) if slots.isdigit() else 1))
+        entries.append((name, int(slots) if slots.isdigit() else None))
+    return entries
+
+
+def spawn_hostfile(text: str, head_host: str, n_workers: int, tp: int) -> str:
+    """Spawn mode's hostfile for --tp: the workers placed group by group. The head's N-1 group peers run on
+    the head's host; each later group runs whole on one host of the user's hostfile (hostfile_entries),
+    hosts in order, a host taking slots // N groups (at least one), round again if the groups outnumber
+    them. The result lists `host:count` in launch order, which MPICH's Spawn fills one host after the other."""
+    hosts = [(name, 1 if slots is None else max(1, slots // tp)) for name, slots in hostfile_entries(text)]
     counts: list[list] = [[head_host, tp - 1]] if tp > 1 else []
     left, i = n_workers - (tp - 1), 0
     while left > 0 and hosts:
