@@ -205,22 +205,33 @@ def plan_stage(model, layers: range, size: int) -> tuple[TPShard, ...]:
     return plan_tp(model.config, size, o_block=o_block, down_block=down_block)
 
 
-def share_bytes(model, layers: range, shard: TPShard, *, head: bool) -> int:
-    """Bytes of the file's tensors that this rank's share covers: its layers' matrix slices and norms, and
-    its vocab rows of the output head (before loading; embed() reads rows from the mapping, not counted)."""
+def _held(model, layers: range, shard: TPShard | None, *, head: bool):
+    """(tensor, weights held) for every tensor a stage of `layers` holds (before loading): its layers'
+    matrices and norms, and with `head` output_norm and the output matrix. Weights held: a matrix's share
+    (rows, columns) of its (n_out, n_in) (all of it without a shard), None for a norm (always whole)."""
     names = [f"blk.{i}.{f}.weight" for i in layers for f in (*NORMS, *ROWS.keys() - HEAD, *COLS)]
     if head:
         names += ["output_norm.weight", "token_embd.weight" if model.config.tied_output else "output.weight"]
-    total = 0
     for name in names:
         t = model.tensor(name)
         if name.split(".")[-2] in NORMS + ("output_norm",):
+            yield t, None
+            continue
+        rows, cols = shard.share(name) if shard is not None else (None, None)
+        n_in, n_out = (int(d) for d in t.shape)                          # GGUF order
+        yield t, (len(rows) if rows else n_out, len(cols) if cols else n_in)
+
+
+def share_bytes(model, layers: range, shard: TPShard, *, head: bool) -> int:
+    """Bytes of the file's tensors that this rank's share covers: its layers' matrix slices and norms, and
+    its vocab rows of the output head (before loading; embed() reads rows from the mapping, not counted)."""
+    total = 0
+    for t, held in _held(model, layers, shard, head=head):
+        if held is None:
             total += int(t.n_bytes)
             continue
-        rows, cols = shard.share(name)
         n_in, n_out = (int(d) for d in t.shape)                          # GGUF order
-        n_rows, n_cols = len(rows) if rows else n_out, len(cols) if cols else n_in
-        total += int(t.n_bytes) * n_rows // n_out * n_cols // n_in
+        total += int(t.n_bytes) * held[0] // n_out * held[1] // n_in
     return total
 
 
@@ -228,21 +239,10 @@ def f32_bytes(model, layers: range, shard: TPShard | None, *, head: bool, embed:
     """Bytes a stage holds with --weights f32 (before loading): every matrix it multiplies by (its share with
     a shard) at 4 bytes a weight, norms as in the file, and an unsharded stage's token_embd as in the file
     when it is only looked up (a shard looks embeddings up in the mapping)."""
-    names = [f"blk.{i}.{f}.weight" for i in layers for f in (*NORMS, *ROWS.keys() - HEAD, *COLS)]
-    tied = model.config.tied_output
-    if head:
-        names += ["output_norm.weight", "token_embd.weight" if tied else "output.weight"]
-    total = 0
-    if embed and shard is None and not (head and tied):
+    total = sum(int(t.n_bytes) if held is None else 4 * held[0] * held[1]
+                for t, held in _held(model, layers, shard, head=head))
+    if embed and shard is None and not (head and model.config.tied_output):
         total += int(model.tensor("token_embd.weight").n_bytes)
-    for name in names:
-        t = model.tensor(name)
-        if name.split(".")[-2] in NORMS + ("output_norm",):
-            total += int(t.n_bytes)
-            continue
-        rows, cols = shard.share(name) if shard is not None else (None, None)
-        n_in, n_out = (int(d) for d in t.shape)                          # GGUF order
-        total += 4 * (len(rows) if rows else n_out) * (len(cols) if cols else n_in)
     return total
 
 
