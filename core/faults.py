@@ -22,20 +22,24 @@ FAULT_ENV = "LLAMA_MPI_FAULT"
 SLOW_ENV = "LLAMA_MPI_SLOW"
 
 
-def fault_after(spec: str | None, rank: int) -> int | None:
-    """"1:3" -> 3 on rank 1, None elsewhere ("1" alone means "1:1")."""
+def _for_rank(spec: str | None, rank: int) -> str | None:
+    """"RANK:VALUE" -> VALUE ("" without a colon) on rank RANK, None elsewhere or without a spec."""
     if not spec:
         return None
-    r, _, n = spec.partition(":")
-    return int(n or 1) if int(r) == rank else None
+    r, _, value = spec.partition(":")
+    return value if int(r) == rank else None
+
+
+def fault_after(spec: str | None, rank: int) -> int | None:
+    """"1:3" -> 3 on rank 1, None elsewhere ("1" alone means "1:1")."""
+    value = _for_rank(spec, rank)
+    return None if value is None else int(value or 1)
 
 
 def slow_by(spec: str | None, rank: int) -> float | None:
     """"1:5" -> 5.0 seconds on rank 1, None elsewhere."""
-    if not spec:
-        return None
-    r, _, seconds = spec.partition(":")
-    return float(seconds) if int(r) == rank else None
+    value = _for_rank(spec, rank)
+    return None if value is None else float(value)
 
 
 def inject(transport: Any, stage: Any) -> tuple[Any, Any]:
@@ -73,7 +77,7 @@ class _Fault:
 class _Wrapper:
     """Everything not overridden goes to the wrapped object."""
 
-    def __init__(self, inner: Any, fault: _Fault):
+    def __init__(self, inner: Any, fault: _Fault | None = None):
         self._inner, self._fault = inner, fault
 
     def __getattr__(self, name: str) -> Any:
@@ -105,15 +109,13 @@ class _WorkerStage(_Wrapper):
         return out
 
 
-class _SlowStage:
+class _SlowStage(_Wrapper):
     """A stage whose prompt steps take `seconds` longer, computing (numpy matrix products release the GIL
     as the engine's kernels do, so the rank's other threads run meanwhile)."""
 
     def __init__(self, inner: Any, seconds: float):
-        self._inner, self._seconds = inner, seconds
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
+        super().__init__(inner)
+        self._seconds = seconds
 
     def forward(self, h: Any, pos: int) -> Any:
         out = self._inner.forward(h, pos)
