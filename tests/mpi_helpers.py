@@ -141,6 +141,17 @@ def still_alive_after(pids: list[int], since: float, limit: float, step: float =
     return alive(pids)
 
 
+def first_within(poll, seconds: float, step: float = 0.02):
+    """The first value other than None that poll() gives within `seconds` (None if it never does)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found = poll()
+        if found is not None:
+            return found
+        time.sleep(step)
+    return None
+
+
 def cmdline(pid: int) -> str:
     """A process's command line, arguments joined by spaces ("" once it is gone)."""
     try:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from mpi_driver import generate
-from mpi_helpers import PROMPT, REPO, driver_cmd, load, model, rank_pid
+from mpi_helpers import PROMPT, REPO, driver_cmd, first_within, load, model, rank_pid
 from test_cli_support import StderrLines, assert_no_rank_left, chat_cmd, kill_job, mpiexec_or_skip, tagged_env
 from test_idle_failure import worker_rank_pid
 
@@ -66,13 +66,7 @@ def _rank_process(address: str, work: str = "time.sleep(60)") -> subprocess.Pope
 
 def _silent_within(beats, seconds: float):
     """What `beats.silent()` says within `seconds` (None if it never names anyone)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        found = beats.silent()
-        if found is not None:
-            return found
-        time.sleep(0.02)
-    return None
+    return first_within(beats.silent, seconds)
 
 
 def test_a_stopped_rank_process_is_named_and_heard_again_once_continued():

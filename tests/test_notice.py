@@ -7,16 +7,11 @@ import time
 import pytest
 
 from core.notice import NoticeBoard, notice_host, parse_notice, send_notice
+from mpi_helpers import first_within
 
 
 def poll_until(board: NoticeBoard, timeout: float = 3.0):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        got = board.poll()
-        if got is not None:
-            return got
-        time.sleep(0.01)
-    return None
+    return first_within(board.poll, timeout, step=0.01)
 
 
 def test_parse_notice():
