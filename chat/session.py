@@ -29,7 +29,6 @@ from .state import (Accept, ChatState, Done, Eval, Print, Read, ResetHistory, Sa
                     UserTurn)
 
 
-
 class Reader(Protocol):
     def read_turn(self, session: "ChatSession", instruct: bool) -> str | None: ...
 
@@ -148,10 +147,7 @@ class ChatSession:
             reply = None
             if isinstance(req, Eval):
                 self._eval(req.tokens, req.sampled)
-                act = self.ctrl_c.check(self.state.interactive)
-                if act == "quit":
-                    raise _Quit(EXIT_INTERRUPTED)
-                if act == "stop":
+                if self._stop_asked(self.state.interactive):
                     self.state.interrupt()
             elif isinstance(req, Sample):
                 t0 = time.perf_counter()
@@ -198,10 +194,7 @@ class ChatSession:
             for event in events:
                 if isinstance(event, Evaluated):
                     self._count_eval(event.n_tokens, event.ms, event.sampled)
-                    act = self.ctrl_c.check(True)
-                    if act == "quit":
-                        raise _Quit(EXIT_INTERRUPTED)
-                    if act == "stop":
+                    if self._stop_asked(interactive=True):
                         return tuple(reply), "interrupted"
                 elif isinstance(event, Token):
                     reply.append(event.id)
@@ -221,6 +214,14 @@ class ChatSession:
             events.close()
             self._emit(self.pieces.flush(), "output")
         raise AssertionError("generate() ended without a Stopped event")
+
+    def _stop_asked(self, interactive: bool) -> bool:
+        """Between steps: True when a Ctrl-C asks to stop generating; a second press (or any, when nobody
+        can be given the prompt) quits the chat."""
+        act = self.ctrl_c.check(interactive)
+        if act == "quit":
+            raise _Quit(EXIT_INTERRUPTED)
+        return act == "stop"
 
     def _emit(self, text: str, style: str) -> None:
         if text:
