@@ -94,7 +94,6 @@ class ChatOptions:
         return (self.interactive or self.interactive_first or self.instruct or self.conversation
                 or self.script is not None)
 
-
     def transcript_settings(self, model_label: str, n_ctx: int) -> list[tuple[str, str]]:
         """The settings that decide the tokens (no rank count, no resolved clock seed)."""
         rows = [("model", model_label), ("n_ctx", str(n_ctx)), ("n_predict", str(self.n_predict)),

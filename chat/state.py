@@ -123,7 +123,7 @@ class ChatState:
     """
 
     def __init__(self, settings: LoopSettings, tokenizer: TokenizerLike, n_ctx: int, prompt: str):
-        self.opts = settings
+        self.settings = settings
         self.tok = tokenizer
         self.n_ctx = n_ctx
         self.instruct = settings.instruct
@@ -180,7 +180,7 @@ class ChatState:
     # -- the loop of llama.cpp main, request by request ----------------------------------------------
 
     def run(self) -> Generator[Request, object, None]:
-        o, c = self.opts, self.c
+        o, c = self.settings, self.c
         embd: list[int] = []
         sampled = False            # embd holds a generated token (not queued input)
         input_echo = True
@@ -254,7 +254,7 @@ class ChatState:
         core.generate.fit_input). Returns the evaluated tokens, or None when the context is full and
         -n is -2."""
         c = self.c
-        fit = fit_input(len(embd), c.n_past, self.n_ctx, c.n_keep, stop_when_full=self.opts.n_predict == -2)
+        fit = fit_input(len(embd), c.n_past, self.n_ctx, c.n_keep, stop_when_full=self.settings.n_predict == -2)
         if fit.too_long:
             yield Print(_skipped_text(fit.too_long), "error")
         if fit.full:
@@ -267,14 +267,14 @@ class ChatState:
         if fit.no_room:                      # the kept prompt leaves too little room (main would fail)
             yield Print(_skipped_text(fit.no_room), "error")
         embd = embd[:fit.take(len(embd))]
-        for chunk in batches(embd, self.opts.n_batch):
+        for chunk in batches(embd, self.settings.n_batch):
             yield Eval(tuple(chunk), sampled)
             c.n_past += len(chunk)
         return embd
 
     def _user_turn(self):
         """Read the user's buffer and queue its tokens; returns True at end of input."""
-        o, c = self.opts, self.c
+        o, c = self.settings, self.c
         if self.instruct:
             yield Print(INSTRUCT_INPUT_MARK)
         queued_from = len(self.embd_inp)
