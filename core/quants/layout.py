@@ -40,6 +40,7 @@ class BlockFormat:
     has_mins = False    # whether M is non-zero
     run: int = 0        # tile positions sharing one scale, in tile order (0: same as sub)
     f16_at: tuple[int, ...] = (0,)   # byte offsets of the block's f16 fields (d, and dmin / m)
+    stored = False      # scales() and mins() return views of the repacked arrays (nothing computed per call)
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-from .floats import f16_fast
 from .layout import NIB, BlockFormat, as_u64, f16_field, or_bit, split_nibbles, split_nibbles16
 
-# Every block starts with an f16 scale `d`, stored repacked as float32 (an f16->f32 cast per call is slow).
+# Every block starts with an f16 scale `d`, stored repacked as float32 (an f16->f32 cast per call is slow), so
+# scales() and mins() return views of the repacked arrays (`stored`).
 
 # IQ4_NL's non-linear code book (ggml's kvalues_iq4nl), also used by IQ4_XS
 IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
@@ -78,6 +78,7 @@ class Q4_0(HalvesMixin, BlockFormat):
     qs[j] >> 4. Repacked: qs (nb, 16, N8) + d f32 (nb, N8) = 20 bytes/block (1.11x)."""
 
     qtype, block, size, sub, offset, run = QT.Q4_0, 32, 18, 32, -8.0, 16
+    stored = True
 
     def repack(self, kb):
         return {"d": f16_field(kb, 0), "qs": np.ascontiguousarray(kb[:, 2:18])}
@@ -117,6 +118,7 @@ class IQ4_NL(PairedMixin, BlockFormat):
     byte (see pair_rows) (nb, 32, N8/2) + d f32 = 20 bytes/block (1.11x)."""
 
     qtype, block, size, sub = QT.IQ4_NL, 32, 18, 32
+    stored = True
 
     def repack(self, kb):
         qs = kb[:, 2:18]
@@ -131,17 +133,16 @@ class IQ4_NL(PairedMixin, BlockFormat):
 
 class Q4_1(Q4_0):
     """20 bytes / 32 weights: d f16 | m f16 | qs[16]. Weight = d * nibble + m (nibbles as Q4_0).
-    Repacked: qs + d f32 + m f16 = 22 bytes/block (1.10x); m is cast per tile (1/32 of the work)."""
+    Repacked: qs + d f32 + m f32 = 24 bytes/block (1.20x): m kept as f32 like d, so a product reads both
+    as they are (casting m per call cost ~50 us of a SmolLM2 product: core/quants/NOTES.md)."""
 
     qtype, size, offset, has_mins, f16_at = QT.Q4_1, 20, 0.0, True, (0, 2)
 
     def repack(self, kb):
-        m = f16_field(kb, 2).astype(np.float16)
-        return {"d": f16_field(kb, 0), "m": m, "qs": np.ascontiguousarray(kb[:, 4:20])}
+        return {"d": f16_field(kb, 0), "m": f16_field(kb, 2), "qs": np.ascontiguousarray(kb[:, 4:20])}
 
     def mins(self, p, u0, u1, r0, r1, out=None):
-        m = p["m"][u0:u1, r0:r1]
-        return m.astype(np.float32) if out is None else f16_fast(m, out)   # products: finite m only
+        return p["m"][u0:u1, r0:r1]
 
 
 class Q5_0(HalvesMixin, BlockFormat):
@@ -150,6 +151,7 @@ class Q5_0(HalvesMixin, BlockFormat):
     = 24 bytes/block (1.09x)."""
 
     qtype, block, size, sub, offset, run = QT.Q5_0, 32, 22, 32, -16.0, 16
+    stored = True
     _qs_at = 6
 
     def repack(self, kb):
@@ -175,19 +177,18 @@ class Q5_0(HalvesMixin, BlockFormat):
 
 class Q5_1(Q5_0):
     """24 bytes / 32 weights: d f16 | m f16 | qh u32 | qs[16]. Weight = d * (nibble | hbit << 4) + m.
-    Repacked: qs + qh + d f32 + m f16 = 26 bytes/block (1.08x)."""
+    Repacked: qs + qh + d f32 + m f32 = 28 bytes/block (1.17x; m as in Q4_1)."""
 
     qtype, size, offset, has_mins, f16_at = QT.Q5_1, 24, 0.0, True, (0, 2)
     _qs_at = 8
 
     def repack(self, kb):
         p = super().repack(kb)
-        p["m"] = f16_field(kb, 2).astype(np.float16)
+        p["m"] = f16_field(kb, 2)
         return p
 
     def mins(self, p, u0, u1, r0, r1, out=None):
-        m = p["m"][u0:u1, r0:r1]
-        return m.astype(np.float32) if out is None else f16_fast(m, out)   # products: finite m only
+        return p["m"][u0:u1, r0:r1]
 
 
 class Q8_0(BlockFormat):
@@ -195,6 +196,7 @@ class Q8_0(BlockFormat):
     Repacked: qs int8 (nb, 32, N8) + d f32 = 36 bytes/block (1.06x)."""
 
     qtype, block, size, sub = QT.Q8_0, 32, 34, 32
+    stored = True
 
     def repack(self, kb):
         return {"d": f16_field(kb, 0), "qs": np.ascontiguousarray(kb[:, 2:34]).view(np.int8)}

@@ -44,6 +44,7 @@ def _scratch(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
             size = max(size, HUGE_MIN // np.dtype(dtype).itemsize)    # backs them with huge pages
         buf = np.empty(size, dtype=dtype)
         bufs[name] = buf
+        _local.gen = object()                                           # views found before are stale
     return buf[:n].reshape(shape)
 
 
@@ -180,6 +181,8 @@ class QTensor:
         xf = [fmt.xfactor(u1 - u0) for u0, u1 in self._cols]
         self._xfac = None if xf[0] is None else np.concatenate(xf)     # (n_in,) in tile order
         self._mixes = type(fmt).mix_x is not BlockFormat.mix_x
+        self._xs_w = np.full(fmt.sub, fmt.offset or 1.0, dtype=np.float32)   # xs = offset * sums (or sums)
+        self._plans: dict[tuple, tuple] = {}                            # see _small_plan
 
     @property
     def nbytes(self) -> int:
@@ -212,20 +215,56 @@ class QTensor:
         return out
 
     def _prepare(self, x: np.ndarray) -> tuple:
-        """Per-call forms of x: tile-ordered (and scaled) columns xt, sums per sub-block xs (T, n_sub),
-        and for small T the runs xv (n_runs, T, run)."""
+        """Per-call forms of x: tile-ordered (and scaled) columns xt, sums per sub-block xs (T, n_sub)
+        times the format's offset when it has one (offsets are powers of two: exact), and for small T
+        the runs xv (n_runs, T, run)."""
         T, n_in = x.shape
-        sub = self._fmt.sub
-        xs = (x.reshape(-1, sub) @ np.ones(sub, dtype=np.float32)).reshape(T, n_in // sub)  # (BLAS: 6x sum())
+        xs = (x.reshape(-1, self._fmt.sub) @ self._xs_w).reshape(T, -1)   # (BLAS: 6x sum())
         xp = x if self._identity else np.take(x, self._perm, axis=1)  # (4-7x faster than x[:, perm])
         xt = xp if self._xfac is None else xp * self._xfac
         if self._mixes:
             xt = xt if xt is not xp or xp is not x else xt.copy()
             self._fmt.mix_x(xt, self._per)
         xv = None
-        if T <= SMALL_T:
+        if T == 1:
+            xv = xt.reshape(-1, 1, self._run)                            # a view: already in run order
+        elif T <= SMALL_T:
             xv = np.ascontiguousarray(xt.reshape(T, -1, self._run).transpose(1, 0, 2))
         return xt, xs, xv
+
+    def _small_plan(self, i: int, T: int) -> tuple:
+        """The views a product of row tile i at a small T (<= SMALL_T) works in, in this thread's scratch:
+        per column tile (units u0, u1, expanded codes f (k, R), its uint8 scratch, f as runs, the runs of
+        xv and the slice of the per-run products it fills), then all per-run products as the einsum reads
+        them, the scales, the scales by run and the mins (when `stored`, else None: computed per call),
+        the accumulator and the einsum's subscripts. Built once per (thread, tile, T), again after a
+        scratch buffer grew: a decode product is ~10 numpy calls, and finding these views each time cost
+        about as much again (times: core/quants/NOTES.md, "Small products")."""
+        key = (threading.get_ident(), i, T)
+        plan = self._plans.get(key)
+        if plan is not None and plan[0] is _local.__dict__.get("gen"):
+            return plan[1]
+        fmt, p, run = self._fmt, self._tiles[i], self._run
+        n_in = self.shape[1]
+        R, blk = p["d"].shape[-1], fmt.block
+        n_units, U, n_ct = n_in // blk, self._per, len(self._cols)
+        rs = fmt.run_shape(U)
+        fbuf = _scratch("f", (U * blk, R), np.float32)
+        tbuf = _scratch("t", (U * blk, R), np.uint8)
+        part = _scratch("part", (n_in // run, T, R), np.float32)
+        acc = _scratch("acc", (T, R), np.float32)
+        cols = []
+        for u0, u1 in self._cols:
+            k, r0, r1 = (u1 - u0) * blk, u0 * blk // run, u1 * blk // run
+            cols.append((u0, u1, fbuf[:k], tbuf[:k], fbuf[:k].reshape(-1, run, R), slice(r0, r1), part[r0:r1]))
+        S = Sr = M = None
+        if fmt.stored:
+            S = fmt.scales(p, 0, n_units, 0, R)                         # (n_sub, R) views
+            Sr, M = fmt.run_scales(S.reshape(n_ct, -1, R), U), fmt.mins(p, 0, n_units, 0, R)
+        lead = "abcdefg"[:1 + len(rs)]                                  # (n_ct, *rs); size-1 dims of Sr broadcast
+        plan = (cols, part.reshape(n_ct, *rs, T, R), S, Sr, M, acc, f"{lead}tr,{lead}r->tr")
+        self._plans[key] = (_local.__dict__.get("gen"), plan)
+        return plan
 
     def _quant_rows(self, ctx: tuple, out: np.ndarray, i: int, a: int) -> None:
         """out[:, a:a+R] for row tile i (rows a.., R of them padded to 8) of a block-quantized matrix.
@@ -236,46 +275,49 @@ class QTensor:
           T <= SMALL_T: partial dot products per run of positions sharing a scale, one batched BLAS call:
               P (n_runs, T, R) = x_runs (n_runs, T, run) @ F (n_runs, run, R); y = sum_runs S * P (one einsum)
           T >  SMALL_T: scale the tile in place (F *= S), one sgemm: y += x[:, K] @ F
-          and in both: y += offset * (xs @ S) + xs @ M, xs = per-sub-block sums of x (offset and mins).
+          and in both: y += xs @ S (offset) or xs @ M (mins), xs = offset * per-sub-block sums of x.
         A format may expand something cheaper than its codes for products (dot_codes, with x mixed to match:
-        Q4_0 casts its raw bytes). Scales, mins and partial sums go to per-thread scratch buffers (_scratch).
-        Costs and what was tried: core/quants/NOTES.md, "qtensor.py".
+        Q4_0 casts its raw bytes). Scales, mins and partial sums go to per-thread scratch buffers (_scratch);
+        small T works in views found once (_small_plan). Costs and what was tried: core/quants/NOTES.md,
+        "qtensor.py".
         """
         xt, xs, xv = ctx
-        fmt, p, run = self._fmt, self._tiles[i], self._run
+        fmt, p = self._fmt, self._tiles[i]
         T, n_in = xt.shape
-        R, blk = p["d"].shape[-1], fmt.block
-        n_units, n_sub = n_in // blk, n_in // fmt.sub
-        k_max = self._per * blk
-        fbuf = _scratch("f", (k_max, R), np.float32)
-        tbuf = _scratch("t", (k_max, R), np.uint8)
-        S = fmt.scales(p, 0, n_units, 0, R, out=_scratch("S", (n_sub, R), np.float32))     # (n_sub, R)
-        U, n_ct, rs = self._per, len(self._cols), fmt.run_shape(self._per)
-        Sr = fmt.run_scales(S.reshape(n_ct, -1, R), U)                  # broadcasts to (n_ct, *rs, R)
-        M = fmt.mins(p, 0, n_units, 0, R, out=_scratch("M", (n_sub, R), np.float32))   # (n_sub, R)
-        acc = _scratch("acc", (T, R), np.float32)
+        R, n_units, n_sub = p["d"].shape[-1], n_in // fmt.block, n_in // fmt.sub
+        U, n_ct = self._per, len(self._cols)
         if xv is not None:
-            part = _scratch("part", (n_in // run, T, R), np.float32)    # per-run dot products
+            cols, parts, S, Sr, M, acc, subs = self._small_plan(i, T)
+            if S is None:
+                S = fmt.scales(p, 0, n_units, 0, R, out=_scratch("S", (n_sub, R), np.float32))   # (n_sub, R)
+                Sr = fmt.run_scales(S.reshape(n_ct, -1, R), U)
+                M = fmt.mins(p, 0, n_units, 0, R, out=_scratch("M", (n_sub, R), np.float32))
+            for u0, u1, f, t, f3, runs, part in cols:
+                fmt.dot_codes(p, u0, u1, 0, R, f, t)                    # (k, R) integer codes, tile order
+                np.matmul(xv[runs], f3, out=part)                       # (k/run, T, run) @ (k/run, run, R)
+            np.einsum(subs, parts, Sr, out=acc)                         # acc = sum_runs S * part
         else:
+            blk, run = fmt.block, self._run
+            fbuf = _scratch("f", (U * blk, R), np.float32)
+            tbuf = _scratch("t", (U * blk, R), np.uint8)
+            S = fmt.scales(p, 0, n_units, 0, R, out=_scratch("S", (n_sub, R), np.float32))     # (n_sub, R)
+            Sr = fmt.run_scales(S.reshape(n_ct, -1, R), U)              # broadcasts to (n_ct, *rs, R)
+            M = fmt.mins(p, 0, n_units, 0, R, out=_scratch("M", (n_sub, R), np.float32))   # (n_sub, R)
+            rs = fmt.run_shape(U)
+            acc = _scratch("acc", (T, R), np.float32)
             acc[...] = 0
             prod = _scratch("prod", (T, R), np.float32)
-        for u0, u1 in self._cols:
-            c0, c1 = u0 * blk, u1 * blk
-            f = fbuf[:c1 - c0]
-            fmt.dot_codes(p, u0, u1, 0, R, f, tbuf[:c1 - c0])          # (k, R) integer codes, tile order
-            if xv is not None:
-                np.matmul(xv[c0 // run:c1 // run], f.reshape(-1, run, R), out=part[c0 // run:c1 // run])
-            else:
+            for u0, u1 in self._cols:
+                c0, c1 = u0 * blk, u1 * blk
+                f = fbuf[:c1 - c0]
+                fmt.dot_codes(p, u0, u1, 0, R, f, tbuf[:c1 - c0])      # (k, R) integer codes, tile order
                 f4 = f.reshape(*rs, run, R)
                 np.multiply(f4, Sr[u0 // U][..., None, :], out=f4)
                 np.matmul(xt[:, c0:c1], f, out=prod)                   # (T, k) @ (k, R)
                 acc += prod
-        if xv is not None:                                              # acc = sum_runs S * part
-            lead = "abcdefg"[:1 + len(rs)]                          # (n_ct, *rs); size-1 dims of Sr broadcast
-            np.einsum(f"{lead}tr,{lead}r->tr", part.reshape(n_ct, *rs, T, R), Sr, out=acc)
         if fmt.offset:                                                  # offset and mins act on the
-            acc += np.float32(fmt.offset) * (xs @ S)                    # sums of x per sub-block:
-        if M is not None:                                               # (T, n_sub) @ (n_sub, R)
+            acc += xs @ S                                               # sums of x
+        if M is not None:                                               # per sub-block: (T, n_sub) @ (n_sub, R)
             acc += xs @ M
         n = min(R, self.shape[0] - a)
         out[:, a:a + n] = acc[:, :n]
