@@ -47,18 +47,44 @@ def dequantize_rows(qtype: QT, data: np.ndarray, shape: tuple[int, int]) -> np.n
     return out
 
 
+class RowStack:
+    """Matrices multiplied by the same input (attn_q, attn_k, attn_v; ffn_gate, ffn_up), held as ONE QTensor
+    of their rows stacked when they share a type, so a token pays one product's fixed cost instead of three
+    or two (~90 us a product on SmolLM2's small matrices: core/quants/NOTES.md, "Small products"); as one
+    QTensor each otherwise (Q4_K_M files keep attn_v in another type). Each output row is its own row's
+    dot product either way."""
+
+    def __init__(self, parts: list[QTensor], sizes: list[int]):
+        self.parts, self.sizes = parts, sizes                            # one QTensor, or one per matrix
+        self.shape = (sum(sizes), parts[0].shape[1])
+        ends = np.cumsum(sizes).tolist()
+        self.columns = [slice(e - n, e) for n, e in zip(sizes, ends)]   # each matrix's outputs when stacked
+
+    @property
+    def nbytes(self) -> int:
+        return sum(q.nbytes for q in self.parts)
+
+    def matmul(self, x: np.ndarray, pool=None) -> list[np.ndarray]:
+        """x (T, n_in) -> each matrix's (T, n_out_i) product (views of one array when stacked)."""
+        if len(self.parts) == 1:
+            y = self.parts[0].matmul(x, pool)                            # (T, sum of n_out)
+            return [y[:, c] for c in self.columns]
+        return [q.matmul(x, pool) for q in self.parts]
+
+
 @dataclass
 class Block:
-    """One transformer layer's weights, named after their GGUF tensors."""
+    """One transformer layer's weights, named after their GGUF tensors (the stacked ones after GGUF's
+    names for fused tensors: attn_qkv, ffn_gate_up)."""
     attn_norm: np.ndarray      # (n_embd,) f32
-    attn_q: QTensor            # (n_head * head_dim, n_embd)
-    attn_k: QTensor            # (n_head_kv * head_dim, n_embd)
-    attn_v: QTensor            # (n_head_kv * head_dim, n_embd)
+    attn_qkv: RowStack         # attn_q (n_head * head_dim), attn_k, attn_v (n_head_kv * head_dim) x n_embd
     attn_output: QTensor       # (n_embd, n_head * head_dim)
     ffn_norm: np.ndarray       # (n_embd,) f32
-    ffn_gate: QTensor          # (n_ff, n_embd)
-    ffn_up: QTensor            # (n_ff, n_embd)
+    ffn_gate_up: RowStack      # ffn_gate, ffn_up (n_ff each) x n_embd
     ffn_down: QTensor          # (n_embd, n_ff)
+
+
+STACKS = {"attn_qkv": ("attn_q", "attn_k", "attn_v"), "ffn_gate_up": ("ffn_gate", "ffn_up")}
 
 
 class Stage:
@@ -111,13 +137,14 @@ class Stage:
             self.output = self.token_embd if cfg.tied_output else self._matrix("output.weight")
         else:
             self.output = None
-        names = [f"blk.{i}.{f}.weight" for i in layers for f in Block.__dataclass_fields__ if not f.endswith("norm")]
+        fields = [f for f in Block.__dataclass_fields__ if not f.endswith("norm")]
+        items = [(i, f) for i in layers for f in fields]
         repack = self._pool.map if self._pool is not None else map     # repacking releases the GIL often
-        matrices, per_layer = {}, max(1, len(names) // max(1, len(layers)))
-        for k, (name, q) in enumerate(zip(names, repack(self._matrix, names)), start=1):
-            matrices[name] = q
-            if progress is not None and k % per_layer == 0:
-                progress(k // per_layer, len(layers))                    # layers repacked so far
+        matrices = {}
+        for k, (item, q) in enumerate(zip(items, repack(self._layer_matrix, items)), start=1):
+            matrices[item] = q
+            if progress is not None and k % len(fields) == 0:
+                progress(k // len(fields), len(layers))                  # layers repacked so far
         self.blocks = [self._block(i, matrices) for i in layers]
         self.freq_factors = (self._vector("rope_freqs.weight")
                              if self.blocks and model.has("rope_freqs.weight") else None)
@@ -125,20 +152,43 @@ class Stage:
         self.cache = KVCache(len(self.blocks), n_ctx, n_kv, cfg.head_dim)
 
     # ---- loading -------------------------------------------------------------------------------
-    def _matrix(self, name: str, product: bool = True) -> QTensor:
-        """A matrix this stage holds (its shard's slice); `product`: it is multiplied by (weights "f32"
-        then dequantizes it), not only looked up."""
+    def _data(self, name: str) -> tuple[QT, np.ndarray, tuple[int, int]]:
+        """A matrix's type, data (its shard's slice) and (n_out, n_in)."""
         t = self.model.tensor(name)
         shape = (int(t.shape[1]), int(t.shape[0]))                      # GGUF dims reversed: (n_out, n_in)
         data = t.data
         if self.shard is not None:                                       # whole rows / whole blocks
             data, shape = slice_tensor(t.tensor_type, data, shape, *self.shard.share(name))
-        if self.weights == "f32" and product and t.tensor_type != QT.F32:
-            q = make_qtensor(QT.F32, dequantize_rows(t.tensor_type, data, shape), shape)
-        else:
-            q = make_qtensor(t.tensor_type, data, shape)
+        return t.tensor_type, data, shape
+
+    def _qtensor(self, qtype: QT, data: np.ndarray, shape: tuple[int, int], product: bool = True) -> QTensor:
+        """`product`: the matrix is multiplied by (weights "f32" then dequantizes it), not only looked up."""
+        if self.weights == "f32" and product and qtype != QT.F32:
+            return make_qtensor(QT.F32, dequantize_rows(qtype, data, shape), shape)
+        return make_qtensor(qtype, data, shape)
+
+    def _matrix(self, name: str, product: bool = True) -> QTensor:
+        """A matrix this stage holds (its shard's slice)."""
+        q = self._qtensor(*self._data(name), product=product)
         self.model.release(name)                                         # repacked: drop the mapped pages
         return q
+
+    def _layer_matrix(self, item: tuple[int, str]) -> QTensor | RowStack:
+        """Block field `name` of layer i: a matrix, or a RowStack of the matrices STACKS names."""
+        i, field = item
+        if field not in STACKS:
+            return self._matrix(f"blk.{i}.{field}.weight")
+        names = [f"blk.{i}.{part}.weight" for part in STACKS[field]]
+        parts = [self._data(name) for name in names]
+        sizes = [shape[0] for _, _, shape in parts]
+        if len({qtype for qtype, _, _ in parts}) > 1:
+            stack = RowStack([self._matrix(name) for name in names], sizes)
+        else:                                                            # rows of blocks (or floats) stacked
+            rows = np.concatenate([np.asarray(d).view(np.uint8).reshape(n, -1) for _, d, (n, _) in parts])
+            stack = RowStack([self._qtensor(parts[0][0], rows, (sum(sizes), parts[0][2][1]))], sizes)
+            for name in names:
+                self.model.release(name)
+        return stack
 
     def _vector(self, name: str) -> np.ndarray:
         t = self.model.tensor(name)
@@ -146,9 +196,9 @@ class Stage:
             return np.array(t.data, dtype=np.float32).reshape(-1)        # (n,) private copy
         return dequantize(np.asarray(t.data).reshape(1, -1), t.tensor_type).reshape(-1)
 
-    def _block(self, i: int, matrices: dict[str, QTensor]) -> Block:
+    def _block(self, i: int, matrices: dict[tuple[int, str], QTensor | RowStack]) -> Block:
         return Block(**{name: self._vector(f"blk.{i}.{name}.weight") if name.endswith("norm")
-                        else matrices[f"blk.{i}.{name}.weight"] for name in Block.__dataclass_fields__})
+                        else matrices[(i, name)] for name in Block.__dataclass_fields__})
 
     # ---- state ---------------------------------------------------------------------------------
     @property
@@ -228,10 +278,10 @@ class Stage:
         T = h.shape[0]
         n_q, n_kv = (c.n_head, c.n_head_kv) if sh is None else (len(sh.heads), len(sh.kv_heads))
         x = rmsnorm(h, b.attn_norm, c.norm_eps)                          # (T, n_embd)
-        q = b.attn_q.matmul(x, pool).reshape(T, n_q, c.head_dim)         # (T, n_head, head_dim)
-        k = b.attn_k.matmul(x, pool).reshape(T, n_kv, c.head_dim)        # (T, n_head_kv, head_dim)
-        v = b.attn_v.matmul(x, pool).reshape(T, n_kv, c.head_dim)
-        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        q, k, v = b.attn_qkv.matmul(x, pool)                             # (T, n_head * head_dim), (T, n_kv * ..)
+        q = rope(q.reshape(T, n_q, c.head_dim), cos, sin)                # (T, n_head, head_dim)
+        k = rope(k.reshape(T, n_kv, c.head_dim), cos, sin)               # (T, n_head_kv, head_dim)
+        v = v.reshape(T, n_kv, c.head_dim)
         keys, values = self.cache.store(li, pos, k, v)                   # (n_head_kv, pos+T, head_dim) each
         if sh is None:
             a = attention(q, keys, values, pos)                          # (T, n_head * head_dim)
@@ -239,7 +289,7 @@ class Stage:
         else:                                                            # own heads; the group's sum
             h = h + self._reduce(b.attn_output.matmul(sh.attend(q, keys, values, pos), pool))
         x = rmsnorm(h, b.ffn_norm, c.norm_eps)                           # (T, n_embd)
-        f = swiglu(b.ffn_gate.matmul(x, pool), b.ffn_up.matmul(x, pool)) # (T, n_ff)
+        f = swiglu(*b.ffn_gate_up.matmul(x, pool))                       # (T, n_ff)
         if sh is None:
             return h + b.ffn_down.matmul(f, pool)                        # (T, n_embd)
         return h + self._reduce(b.ffn_down.matmul(sh.pad_ff(f), pool))

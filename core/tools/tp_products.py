@@ -1,10 +1,11 @@
-"""python -m core.tools.tp_products: one layer's seven matrix products, whole against each TP share.
+"""python -m core.tools.tp_products: one layer's matrix products, whole against each TP share.
 
 Prints, for one layer of a model (default: a TinyLlama-shaped Q4_0 synthetic file, written once and cached
-under /tmp), the time of attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up and ffn_down on the whole
-matrices and on every rank's share of a --tp N split (one thread, the shares one after another: what one
-rank per core would run), and the speed-up of the slowest share over the whole. No all-reduce, no
-attention: the upper bound TP can reach on the products. Times are the minimum over --repeats runs.
+under /tmp), the time of its four products (attn_qkv: q, k and v stacked, attn_output, ffn_gate_up: gate
+and up stacked, ffn_down; core/model.py's Block) on the whole matrices and on every rank's share of a
+--tp N split (one thread, the shares one after another: what one rank per core would run), and the
+speed-up of the slowest share over the whole. No all-reduce, no attention: the upper bound TP can reach
+on the products. Times are the minimum over --repeats runs.
 """
 from __future__ import annotations
 
