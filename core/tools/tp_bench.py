@@ -4,10 +4,12 @@ Prints, for one model (default: a TinyLlama-shaped Q4_0 synthetic file, written 
 decode and prefill tokens/s, load time and per-rank RSS (with each rank's budget: weights x 1.2 + KV +
 150 MB) of 1 process x 1 thread, 1 process -t 2, 2 ranks layer split, --tp 2 and --tp 2 --weights f32; the
 time of one all-reduce of n_embd floats between 2 ranks (hand-rolled p2p exchange, MPI_Iallreduce, both
-waited as the engine waits, and the blocking MPI_Allreduce, which spins); and a table projected on paper
-to 4, 8 and 16 ranks from the measured per-rank compute and all-reduce cost. Every configuration runs as
-its own job (under the mpich wheel's mpiexec for the MPI ones), one after the other, `--rounds` times in
-turn (the best of each is kept: the machine may be shared). Owns nothing the engine uses; asserts nothing.
+waited as the engine waits, and the blocking MPI_Allreduce, which spins); a table projected on paper
+to 4, 8 and 16 ranks from the measured per-rank compute and all-reduce cost; and, before and after, how many
+cores' worth of work two busy processes get (core_capacity: on a shared virtual machine, often less than 2,
+and no 2-rank job runs faster than that). Every configuration runs as its own job (under the mpich wheel's
+mpiexec for the MPI ones), one after the other, `--rounds` times in turn (the best of each is kept: the
+machine may be shared). Owns nothing the engine uses; asserts nothing.
 """
 from __future__ import annotations
 
@@ -199,6 +201,25 @@ def wait_quiet(limit: float, max_wait_s: float) -> float:
     return busy
 
 
+SPIN_LOOP = "import time\nt=time.perf_counter()\nn=0\nfor i in range(4_000_000): n += i\nprint(time.perf_counter()-t)"
+
+
+def core_capacity(n: int = 2, tries: int = 5) -> float:
+    """How many cores' worth of work n busy processes get right now: n x (one process's time alone / its time
+    when n run at once), the median of `tries` (a pure-Python loop: no memory traffic, no MPI). On a machine whose
+    cores are all its own this is ~n; a virtual machine whose host is busy gives less, and no n-rank job can
+    then run more than this many times faster than one process."""
+    def run(k: int) -> float:
+        procs = [subprocess.Popen([sys.executable, "-c", SPIN_LOOP, "core.tools.tp_bench"], stdout=subprocess.PIPE,
+                                  text=True) for _ in range(k)]
+        return max(float(p.communicate()[0]) for p in procs)
+    ratios = []
+    for _ in range(tries):
+        alone, together = run(1), run(n)
+        ratios.append(n * alone / together)
+    return sorted(ratios)[tries // 2]
+
+
 def _mpiexec() -> str:
     return str(Path(sys.executable).parent / "mpiexec")
 
@@ -289,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU: {_cpu()}; load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", file=log, flush=True)
     print(f"model: {args.model} ({args.model.stat().st_size / MIB:.0f} MiB); prefill {args.prompt} tokens, "
           f"decode {args.decode}", file=log, flush=True)
+    capacity = [core_capacity()]
+    print(f"2 busy processes get {capacity[0]:.2f} cores' worth of work (core_capacity: the ceiling of a 2-rank "
+          f"speed-up right now)", file=log, flush=True)
     results: dict[str, dict] = {}
     for _ in range(args.rounds):
         for name in names:
@@ -318,8 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         label = method + (" (no spin, sleeps only)" if spin == "0" else "")
         wait_quiet(args.quiet, args.max_wait)
         allreduce[label] = _run(cmd, env)
+    capacity.append(core_capacity())
     load = os.getloadavg()
-    out = {"cpu": _cpu(), "load_after": load, "configs": results, "allreduce": allreduce, "n_embd": n_embd,
+    out = {"cpu": _cpu(), "load_after": load, "core_capacity": capacity, "configs": results, "allreduce": allreduce, "n_embd": n_embd,
            "prompt": args.prompt}
     base = results.get("1 process x 1 thread")
     if base and "--tp 2" in results:
@@ -363,8 +388,9 @@ def report(out: dict, base: dict | None) -> str:
         for row in out["projection"]:
             lines.append(f"  {row['ranks']:>5} {row['compute_ms']:>11.1f} {row['allreduce_ms']:>14.2f} "
                          f"{row['other_ms']:>9.2f} {row['tok_s']:>8.1f} {row['dram_bound_tok_s']:>9.1f}")
-    la = out["load_after"]
-    lines.append(f"\nCPU: {out['cpu']}; load average after: {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}")
+    la, cap = out["load_after"], out["core_capacity"]
+    lines.append(f"\nCPU: {out['cpu']}; load average after: {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}; 2 busy processes got "
+                 f"{cap[0]:.2f} cores' worth of work before the jobs and {cap[1]:.2f} after (2.00: two whole cores)")
     return "\n".join(lines)
 
 
