@@ -44,6 +44,8 @@ class BlockFormat:
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
+        if cls.offset and cls.has_mins:      # QTensor folds the offset into x's sums, which the mins also use
+            raise TypeError(f"{cls.__name__}: a format has an offset or mins, not both")
         if hasattr(cls, "qtype"):
             FORMATS[cls.qtype] = cls()
 

@@ -247,7 +247,7 @@ class QTensor:
         fmt, p, run = self._fmt, self._tiles[i], self._run
         n_in = self.shape[1]
         R, blk = p["d"].shape[-1], fmt.block
-        n_units, U, n_ct = n_in // blk, self._per, len(self._cols)
+        U, n_ct = self._per, len(self._cols)
         rs = fmt.run_shape(U)
         fbuf = _scratch("f", (U * blk, R), np.float32)
         tbuf = _scratch("t", (U * blk, R), np.uint8)
@@ -257,14 +257,21 @@ class QTensor:
         for u0, u1 in self._cols:
             k, r0, r1 = (u1 - u0) * blk, u0 * blk // run, u1 * blk // run
             cols.append((u0, u1, fbuf[:k], tbuf[:k], fbuf[:k].reshape(-1, run, R), slice(r0, r1), part[r0:r1]))
-        S = Sr = M = None
-        if fmt.stored:
-            S = fmt.scales(p, 0, n_units, 0, R)                         # (n_sub, R) views
-            Sr, M = fmt.run_scales(S.reshape(n_ct, -1, R), U), fmt.mins(p, 0, n_units, 0, R)
+        S, Sr, M = self._tile_scales(p, scratch=False) if fmt.stored else (None, None, None)   # views
         lead = "abcdefg"[:1 + len(rs)]                                  # (n_ct, *rs); size-1 dims of Sr broadcast
         plan = (cols, part.reshape(n_ct, *rs, T, R), S, Sr, M, acc, f"{lead}tr,{lead}r->tr")
         self._plans[key] = (_local.__dict__.get("gen"), plan)
         return plan
+
+    def _tile_scales(self, p: dict, scratch: bool) -> tuple:
+        """A row tile's scales S (n_sub, R), S by run (broadcasting to (n_ct, *run_shape, R)) and mins M
+        (n_sub, R) or None: computed into this thread's scratch, or (`stored` formats, scratch False)
+        views of the repacked arrays."""
+        fmt, n_in = self._fmt, self.shape[1]
+        R, n_units, n_sub = p["d"].shape[-1], n_in // fmt.block, n_in // fmt.sub
+        S = fmt.scales(p, 0, n_units, 0, R, out=_scratch("S", (n_sub, R), np.float32) if scratch else None)
+        M = fmt.mins(p, 0, n_units, 0, R, out=_scratch("M", (n_sub, R), np.float32) if scratch else None)
+        return S, fmt.run_scales(S.reshape(len(self._cols), -1, R), self._per), M
 
     def _quant_rows(self, ctx: tuple, out: np.ndarray, i: int, a: int) -> None:
         """out[:, a:a+R] for row tile i (rows a.., R of them padded to 8) of a block-quantized matrix.
@@ -283,15 +290,11 @@ class QTensor:
         """
         xt, xs, xv = ctx
         fmt, p = self._fmt, self._tiles[i]
-        T, n_in = xt.shape
-        R, n_units, n_sub = p["d"].shape[-1], n_in // fmt.block, n_in // fmt.sub
-        U, n_ct = self._per, len(self._cols)
+        T, R, U = xt.shape[0], p["d"].shape[-1], self._per
         if xv is not None:
             cols, parts, S, Sr, M, acc, subs = self._small_plan(i, T)
             if S is None:
-                S = fmt.scales(p, 0, n_units, 0, R, out=_scratch("S", (n_sub, R), np.float32))   # (n_sub, R)
-                Sr = fmt.run_scales(S.reshape(n_ct, -1, R), U)
-                M = fmt.mins(p, 0, n_units, 0, R, out=_scratch("M", (n_sub, R), np.float32))
+                S, Sr, M = self._tile_scales(p, scratch=True)
             for u0, u1, f, t, f3, runs, part in cols:
                 fmt.dot_codes(p, u0, u1, 0, R, f, t)                    # (k, R) integer codes, tile order
                 np.matmul(xv[runs], f3, out=part)                       # (k/run, T, run) @ (k/run, run, R)
@@ -300,9 +303,7 @@ class QTensor:
             blk, run = fmt.block, self._run
             fbuf = _scratch("f", (U * blk, R), np.float32)
             tbuf = _scratch("t", (U * blk, R), np.uint8)
-            S = fmt.scales(p, 0, n_units, 0, R, out=_scratch("S", (n_sub, R), np.float32))     # (n_sub, R)
-            Sr = fmt.run_scales(S.reshape(n_ct, -1, R), U)              # broadcasts to (n_ct, *rs, R)
-            M = fmt.mins(p, 0, n_units, 0, R, out=_scratch("M", (n_sub, R), np.float32))   # (n_sub, R)
+            S, Sr, M = self._tile_scales(p, scratch=True)
             rs = fmt.run_shape(U)
             acc = _scratch("acc", (T, R), np.float32)
             acc[...] = 0
