@@ -182,13 +182,13 @@ class Stage:
         parts = [self._data(name) for name in names]
         sizes = [shape[0] for _, _, shape in parts]
         if len({qtype for qtype, _, _ in parts}) > 1:
-            stack = RowStack([self._matrix(name) for name in names], sizes)
+            qs = [self._qtensor(*part) for part in parts]
         else:                                                            # rows of blocks (or floats) stacked
             rows = np.concatenate([np.asarray(d).view(np.uint8).reshape(n, -1) for _, d, (n, _) in parts])
-            stack = RowStack([self._qtensor(parts[0][0], rows, (sum(sizes), parts[0][2][1]))], sizes)
-            for name in names:
-                self.model.release(name)
-        return stack
+            qs = [self._qtensor(parts[0][0], rows, (sum(sizes), parts[0][2][1]))]
+        for name in names:
+            self.model.release(name)                                     # repacked: drop the mapped pages
+        return RowStack(qs, sizes)
 
     def _vector(self, name: str) -> np.ndarray:
         t = self.model.tensor(name)
