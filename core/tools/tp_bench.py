@@ -320,15 +320,11 @@ def main(argv: list[str] | None = None) -> int:
             busy = wait_quiet(args.quiet, args.max_wait)
             r = _run(_eval_cmd(n, opts, args))
             r["others_before"] = busy
-            best = results.get(name)
-            if best is None or r["decode_tok_s"] > best["decode_tok_s"]:
-                if best:
-                    r["prefill_tok_s"] = max(r["prefill_tok_s"], best["prefill_tok_s"])
-                    r["decode_best_ms"] = min(r["decode_best_ms"], best["decode_best_ms"])
-                results[name] = r
-            else:
-                best["prefill_tok_s"] = max(r["prefill_tok_s"], best["prefill_tok_s"])
-                best["decode_best_ms"] = min(r["decode_best_ms"], best["decode_best_ms"])
+            best = results.get(name, r)                                 # the round of the best decode is kept,
+            keep = r if r["decode_tok_s"] > best["decode_tok_s"] else best    # with every round's best
+            keep["prefill_tok_s"] = max(r["prefill_tok_s"], best["prefill_tok_s"])      # prefill and token
+            keep["decode_best_ms"] = min(r["decode_best_ms"], best["decode_best_ms"])
+            results[name] = keep
             print(f"  {name}: decode {r['decode_tok_s']:.2f} tok/s, prefill {r['prefill_tok_s']:.1f} tok/s "
                   f"(other processes running: {busy:.2f} before, {r['others_during']:.2f} during)",
                   file=sys.stderr if args.json else sys.stdout, flush=True)
@@ -344,8 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         allreduce[label] = _run(cmd, env)
     capacity.append(core_capacity())
     load = os.getloadavg()
-    out = {"cpu": _cpu(), "load_after": load, "core_capacity": capacity, "configs": results, "allreduce": allreduce, "n_embd": n_embd,
-           "prompt": args.prompt}
+    out = {"cpu": _cpu(), "load_after": load, "core_capacity": capacity, "configs": results, "allreduce": allreduce,
+           "n_embd": n_embd, "prompt": args.prompt}
     base = results.get("1 process x 1 thread")
     if base and "--tp 2" in results:
         out["projection"] = project(base, results["--tp 2"], allreduce["p2p"]["us"], allreduce["mpi"]["us"],
@@ -359,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(out: dict, base: dict | None) -> str:
     lines = ["", f"{'configuration':<22} {'decode tok/s':>12} {'x':>6} {'best token ms':>13} {'x':>6} "
-             f"{'prefill tok/s':>13} {'x':>6} {'load s':>7} {'others':>6}  per-rank RSS MiB (budget: weights x 1.2 + KV + 150)"]
+             f"{'prefill tok/s':>13} {'x':>6} {'load s':>7} {'others':>6}  "
+             f"per-rank RSS MiB (budget: weights x 1.2 + KV + 150)"]
     for name, r in out["configs"].items():
         dx = r["decode_tok_s"] / base["decode_tok_s"] if base else float("nan")
         bx = base["decode_best_ms"] / r["decode_best_ms"] if base else float("nan")
@@ -367,7 +364,8 @@ def report(out: dict, base: dict | None) -> str:
         rss = ", ".join(f"{m:.0f} ({w * 1.2 + kv + 150:.0f})" for m, w, kv in
                         zip(r["rss_mib"], r["weight_mib"], r["kv_mib"]))
         lines.append(f"{name:<22} {r['decode_tok_s']:>12.2f} {dx:>5.2f}x {r['decode_best_ms']:>13.1f} {bx:>5.2f}x "
-                     f"{r['prefill_tok_s']:>13.1f} {px:>5.2f}x {r['load_s']:>7.1f} {r.get('others_during', 0.0):>6.2f}  {rss}")
+                     f"{r['prefill_tok_s']:>13.1f} {px:>5.2f}x {r['load_s']:>7.1f} "
+                     f"{r.get('others_during', 0.0):>6.2f}  {rss}")
     lines.append("decode tok/s: the best round's mean over its decoded tokens; best token: the fastest single decoded")
     lines.append("token of every round (what the machine does when nothing slows it); prefill: the best round")
     lines.append("others: foreign processes running on average during the kept run (0 = the machine was ours)")
