@@ -156,19 +156,18 @@ def apply_logit_bias(logits: np.ndarray, bias: tuple[tuple[int, float], ...]) ->
     return out
 
 
-def apply_penalties(ids: np.ndarray, logits: np.ndarray, last_tokens: np.ndarray, repeat: float,
-                    frequency: float, presence: float) -> np.ndarray:
-    """llama_sample_repetition_penalties: each candidate seen c > 0 times in `last_tokens` gets
-    logit / repeat (logit > 0) or logit * repeat (logit <= 0), then - c * frequency - presence."""
+def apply_penalties(logits: np.ndarray, last_tokens: np.ndarray, repeat: float, frequency: float,
+                    presence: float) -> np.ndarray:
+    """llama_sample_repetition_penalties on logits in token id order (a new array): each token seen c > 0
+    times in `last_tokens` gets logit / repeat (logit > 0) or logit * repeat (logit <= 0), then
+    - c * frequency - presence. Only the seen tokens are touched (a chat token over SmolLM2's 49152 ids:
+    2.2 ms when every id was, measured), and nothing when the penalties are neutral, as in llama.cpp."""
     out = logits.copy()
-    if len(last_tokens) == 0:
+    if len(last_tokens) == 0 or (repeat == 1.0 and frequency == 0.0 and presence == 0.0):
         return out
     seen, counts = np.unique(last_tokens, return_counts=True)        # (u,), (u,)
-    pos = np.clip(np.searchsorted(seen, ids), 0, len(seen) - 1)      # (n,)
-    hit = seen[pos] == ids                                           # (n,) bool
-    count = np.where(hit, counts[pos], 0)                            # (n,)
-    penalised = np.where(out <= 0, out * repeat, out / repeat)
-    out = np.where(hit, penalised - count * frequency - presence, out)
+    val = out[seen]                                                   # (u,)
+    out[seen] = np.where(val <= 0, val * repeat, val / repeat) - counts * frequency - presence
     return out
 
 
@@ -379,7 +378,7 @@ class Sampler:
         biased = apply_logit_bias(logits.astype(np.float64), p.logit_bias)   # (n_vocab,)
         last_n = len(self._history) if self.penalty_last_n is None else self.penalty_last_n
         window = np.fromiter(self.last_tokens(last_n), dtype=np.int64)
-        out = apply_penalties(self._ids, biased, window, p.repeat_penalty,
+        out = apply_penalties(biased, window, p.repeat_penalty,
                               p.frequency_penalty, p.presence_penalty)
         if not p.penalize_nl and self.nl_id is not None and len(window):
             out[self.nl_id] = biased[self.nl_id]   # restore the (biased) newline logit

@@ -99,16 +99,18 @@ def test_logit_bias_last_entry_wins_and_ignore_eos_bans():
 
 
 def test_penalties_divide_positive_multiply_non_positive_then_subtract():
-    ids = np.arange(5)
     logits = np.array([2.0, -1.0, 0.5, 0.0, 3.0])
     history = np.array([0, 1, 1, 3])  # counts: t0 1, t1 2, t3 1
-    out = apply_penalties(ids, logits, history, repeat=2.0, frequency=0.5, presence=0.25)
+    out = apply_penalties(logits, history, repeat=2.0, frequency=0.5, presence=0.25)
     # t0:  2.0 / 2 = 1.0;  - 1*0.5 - 0.25 = 0.25
     # t1: -1.0 * 2 = -2.0; - 2*0.5 - 0.25 = -3.25
     # t2: not seen -> 0.5;  t3: 0.0 * 2 = 0.0; - 0.5 - 0.25 = -0.75;  t4: not seen -> 3.0
     assert out.tolist() == [0.25, -3.25, 0.5, -0.75, 3.0]
     # the llama.cpp rule for negative logits: -1.0 with penalty 1.1 becomes -1.1 (not -1/1.1 = -0.909)
-    assert apply_penalties(ids[:1], np.array([-1.0]), np.array([0]), 1.1, 0.0, 0.0)[0] == pytest.approx(-1.1)
+    assert apply_penalties(np.array([-1.0]), np.array([0]), 1.1, 0.0, 0.0)[0] == pytest.approx(-1.1)
+    # neutral penalties change nothing (and return a copy, as the penalising path does)
+    same = apply_penalties(logits, history, repeat=1.0, frequency=0.0, presence=0.0)
+    assert same.tolist() == logits.tolist() and same is not logits
 
 
 def test_penalty_window_is_the_last_repeat_last_n_tokens():
