@@ -29,6 +29,8 @@ TAG_CTRL, TAG_DATA, TAG_REPORT, TAG_OBJ_LEN, TAG_OBJ = 11, 12, 13, 14, 15
 TAG_PROGRESS = 16             # a worker's load progress: int64 [layers done, layers]
 REPORT_BYTES = 4096          # a failure report is one pickled record padded to this size
 POLL_MIN_S = 20e-6           # first sleep of a wait; doubles each poll ...
+POLL_HOT_S = 100e-6          # ... up to this for the first HOT_S (the next token or micro-batch is coming: a
+HOT_S = 0.050                #     2 ms cap woke a TP worker ~1.5 ms late for each SmolLM2 token, measured) ...
 POLL_MAX_S = 0.002           # ... up to this while the wait is young (latency ~ this per hop)
 POLL_IDLE_S = 0.010          # ... and this once the wait is older than IDLE_AFTER_S (an idle worker)
 IDLE_AFTER_S = 1.0
@@ -38,6 +40,12 @@ OUTPUT_DRAIN_S = 0.3         # pause before MPI_Abort so the launcher forwards t
 ABORT_WAIT_S = 5.0           # how long MPI_Abort may take before the process ends by itself
 
 _MPI = None
+
+
+def next_poll_delay(delay: float, age: float) -> float:
+    """The sleep after `delay` in a wait `age` seconds old: twice as long, capped by the wait's age."""
+    cap = POLL_HOT_S if age < HOT_S else POLL_MAX_S if age < IDLE_AFTER_S else POLL_IDLE_S
+    return min(2 * delay, cap)
 
 
 def mpi():
@@ -185,8 +193,7 @@ class Transport:
             if done():
                 break
             time.sleep(delay)
-            cap = POLL_MAX_S if time.monotonic() - t0 < IDLE_AFTER_S else POLL_IDLE_S
-            delay = min(delay * 2, cap)
+            delay = next_poll_delay(delay, time.monotonic() - t0)
         self.wait_s += time.monotonic() - t0
 
     def _watch(self) -> None:

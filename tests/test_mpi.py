@@ -109,6 +109,19 @@ def test_idle_workers_do_not_spin(tmp_path):
     assert max(used) <= 0.05, used
 
 
+def test_a_wait_polls_fast_while_young_then_backs_off():
+    """Sleeps double from 20 us, capped at 100 us for the first 50 ms (the next token or micro-batch is
+    about to come), 2 ms until 1 s, 10 ms after (an idle worker)."""
+    from core.transport import next_poll_delay
+    assert next_poll_delay(20e-6, 0.0) == 40e-6
+    assert next_poll_delay(80e-6, 0.010) == 100e-6
+    assert next_poll_delay(100e-6, 0.049) == 100e-6
+    assert next_poll_delay(100e-6, 0.051) == 200e-6
+    assert next_poll_delay(0.0016, 0.5) == 0.002
+    assert next_poll_delay(0.002, 1.5) == 0.004
+    assert next_poll_delay(0.008, 30.0) == 0.010
+
+
 def test_cli_greedy_text_is_the_same_on_every_launch_mode():
     """The real entry point (python -m chat, i.e. llama-mpi): one process, mpiexec -n 2..4, spawn."""
     base = [sys.executable, "-m", "chat", "-m", model("stories260K"), "-p", "Once upon a time", "-n", "24",
