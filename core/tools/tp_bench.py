@@ -7,7 +7,8 @@ time of one all-reduce of n_embd floats between 2 ranks (hand-rolled p2p exchang
 waited as the engine waits, and the blocking MPI_Allreduce, which spins); a table projected on paper
 to 4, 8 and 16 ranks from the measured per-rank compute and all-reduce cost; and, before and after, how many
 cores' worth of work two busy processes get (core_capacity: on a shared virtual machine, often less than 2,
-and no 2-rank job runs faster than that). Every configuration runs as its own job (under the mpich wheel's
+and no 2-rank job runs faster than that); and, with no MPI at all, the whole layers' forward alone against TP
+shares 0 and 1 run at once (shares_ceiling: what two ranks computing together can give here). Every configuration runs as its own job (under the mpich wheel's
 mpiexec for the MPI ones), one after the other, `--rounds` times in turn (the best of each is kept: the
 machine may be shared). Owns nothing the engine uses; asserts nothing.
 """
@@ -101,6 +102,38 @@ def _eval_job(args: argparse.Namespace) -> int:
         print("RESULT " + json.dumps(result), flush=True)
     finally:
         pipe.close()
+    return 0
+
+
+def _layers_job(args: argparse.Namespace) -> int:
+    """(one process, no MPI) median ms of the layers' forward over `--prompt` tokens for `--seconds` from the
+    wall-clock time `--start`: the whole layers (`--share whole`) or TP share i of 2 (its all-reduces left out)."""
+    import numpy as np
+
+    from ..cluster import limit_blas_threads
+    from ..loader import open_model
+    from ..model import Stage
+    from ..shard import plan_stage
+
+    limit_blas_threads(1)
+    model = open_model(args.model)
+    layers = range(model.config.n_layer)
+    kw = {"embed": False, "head": False, "n_ctx": args.prompt}
+    stage = (Stage(model, layers, **kw) if args.share == "whole" else
+             Stage(model, layers, shard=plan_stage(model, layers, 2)[int(args.share)], allreduce=lambda a: a, **kw))
+    h = np.random.default_rng(0).standard_normal((args.prompt, stage.config.n_embd)).astype(np.float32)
+
+    def forward() -> float:
+        t = time.perf_counter()
+        stage.kv_clear()
+        stage.forward(h, 0)
+        return time.perf_counter() - t
+    forward()                                                           # untimed: pages, scratch
+    time.sleep(max(0.0, args.start - time.time()))
+    times = []
+    while time.time() < args.start + args.seconds or len(times) < 3:
+        times.append(forward())
+    print("RESULT " + json.dumps({"median_ms": 1000.0 * sorted(times)[len(times) // 2]}), flush=True)
     return 0
 
 
@@ -201,6 +234,23 @@ def wait_quiet(limit: float, max_wait_s: float) -> float:
     return busy
 
 
+def shares_ceiling(model: Path, tokens: int, seconds: float = 6.0) -> float:
+    """What --tp 2 could give at most on this machine right now, with no MPI at all: the whole layers' forward
+    over `tokens` alone, against the slower of TP shares 0 and 1 run at the same time in two processes (each
+    its own half of every matrix and heads, as the ranks hold them). Two busy processes slow each other
+    (shared caches and memory, a busy host): this is the ceiling of the decode (tokens 1) or prefill ratio."""
+    def cmd(share: str, start: float) -> list[str]:
+        return [sys.executable, "-m", "core.tools.tp_bench", "--job", "layers", "--model", str(model),
+                "--prompt", str(tokens), "--share", share, "--seconds", str(seconds), "--start", str(start)]
+    whole = _run(cmd("whole", 0.0))["median_ms"]
+    start = time.time() + 5.0                                           # both loaded, then timed together
+    jobs = [subprocess.Popen(cmd(share, start), stdout=subprocess.PIPE, text=True) for share in ("0", "1")]
+    outs = [j.communicate()[0] for j in jobs]
+    shares = [json.loads(next(line for line in o.splitlines() if line.startswith("RESULT "))[7:])["median_ms"]
+              for o in outs]
+    return whole / max(shares)
+
+
 SPIN_LOOP = "import time\nt=time.perf_counter()\nn=0\nfor i in range(4_000_000): n += i\nprint(time.perf_counter()-t)"
 
 
@@ -289,11 +339,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="before each job wait until at most N other processes run on average (default 0.2)")
     p.add_argument("--max-wait", type=float, default=300.0, help="... but no longer than this many s (default 300)")
     p.add_argument("--json", action="store_true", help="print the raw results as JSON")
-    p.add_argument("--job", choices=("eval", "allreduce"), help=argparse.SUPPRESS)
+    p.add_argument("--job", choices=("eval", "allreduce", "layers"), help=argparse.SUPPRESS)
+    p.add_argument("--share", default="whole", help=argparse.SUPPRESS)
+    p.add_argument("--seconds", type=float, default=6.0, help=argparse.SUPPRESS)
+    p.add_argument("--start", type=float, default=0.0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.opts = extra
     if args.job == "eval":
         return _eval_job(args)
+    if args.job == "layers":
+        return _layers_job(args)
     if args.job == "allreduce":
         return _allreduce_job(args)
 
@@ -339,9 +394,10 @@ def main(argv: list[str] | None = None) -> int:
         wait_quiet(args.quiet, args.max_wait)
         allreduce[label] = _run(cmd, env)
     capacity.append(core_capacity())
+    ceiling = {"decode": shares_ceiling(args.model, 1), "prefill": shares_ceiling(args.model, args.prompt)}
     load = os.getloadavg()
     out = {"cpu": _cpu(), "load_after": load, "core_capacity": capacity, "configs": results, "allreduce": allreduce,
-           "n_embd": n_embd, "prompt": args.prompt}
+           "n_embd": n_embd, "prompt": args.prompt, "ceiling": ceiling}
     base = results.get("1 process x 1 thread")
     if base and "--tp 2" in results:
         out["projection"] = project(base, results["--tp 2"], allreduce["p2p"]["us"], allreduce["mpi"]["us"],
@@ -386,6 +442,10 @@ def report(out: dict, base: dict | None) -> str:
         for row in out["projection"]:
             lines.append(f"  {row['ranks']:>5} {row['compute_ms']:>11.1f} {row['allreduce_ms']:>14.2f} "
                          f"{row['other_ms']:>9.2f} {row['tok_s']:>8.1f} {row['dram_bound_tok_s']:>9.1f}")
+    c = out["ceiling"]
+    lines.append(f"\nno MPI: the whole layers' forward alone against TP shares 0 and 1 both at once (the ceiling of "
+                 f"--tp 2 on this machine now):\n  decode (1 token) {c['decode']:.2f}x, prefill ({out['prompt']} "
+                 f"tokens) {c['prefill']:.2f}x")
     la, cap = out["load_after"], out["core_capacity"]
     lines.append(f"\nCPU: {out['cpu']}; load average after: {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}; 2 busy processes got "
                  f"{cap[0]:.2f} cores' worth of work before the jobs and {cap[1]:.2f} after (2.00: two whole cores)")
