@@ -96,6 +96,28 @@ def test_smollm2_heads_on_two_ranks():
     assert (a.vocab, b.vocab) == (range(0, 24576), range(24576, 49152))
 
 
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("n_head, n_head_kv, size", [(9, 3, 2), (8, 2, 3), (10, 5, 3)])
+def test_attend_over_cut_groups_is_the_columns_of_whole_attention(n_head, n_head_kv, size, T):
+    """A rank whose KV groups are cut (SmolLM2 on 2 ranks: runs of 3 and 2 heads) gives its heads' columns
+    of ops.attention over every head, within float noise (one padded call; summation order may differ)."""
+    from core.ops import attention
+    hd, pos = 64, 7
+    c = config(n_embd=n_head * hd, n_head=n_head, n_head_kv=n_head_kv, head_dim=hd, n_rot=hd)
+    rng = np.random.default_rng(n_head * 10 + size)
+    q = rng.standard_normal((T, n_head, hd), dtype=np.float32)
+    keys, values = rng.standard_normal((2, n_head_kv, pos + T, hd), dtype=np.float32)
+    whole = attention(q, keys, values, pos).reshape(T, n_head, hd)
+    cut = 0
+    for sh in plan_tp(c, size, o_block=32, down_block=32):
+        kv = slice(sh.kv_heads.start, sh.kv_heads.stop)
+        got = sh.attend(q[:, sh.heads.start:sh.heads.stop], keys[kv], values[kv], pos)
+        want = whole[:, sh.heads.start:sh.heads.stop].reshape(T, -1)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        cut += len({b - a for a, b, _ in sh.runs}) > 1
+    assert cut > 0                                  # the shapes do cut groups
+
+
 def test_tinyllama_q4_k_heads_cut_on_256_weight_blocks():
     """head_dim 64 and blocks of 256: cuts every 4 heads; 8 units on 3 ranks: 3, 3, 2 (12, 12, 8 heads);
     n_ff 5632 = 22 blocks: 8, 7, 7."""
