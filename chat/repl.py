@@ -62,8 +62,10 @@ class TypeAhead:
     cursor-position report) are dropped, as llama.cpp's console drops them at its prompt; Backspace, Ctrl-U
     and Ctrl-W edit the line being typed, as the terminal's line editing would; Enter (CR or LF) ends a
     line; Ctrl-C empties everything typed so far (a terminal flushes its input queue on an interrupt) and
-    is counted; other control keys (Ctrl-D included) are dropped. `take_turn()` gives a reader what to
-    show at its prompt. Thread-safe: in spawn mode the start-up reader feeds it from its thread.
+    is counted; Ctrl-D on an empty line ends the input once what came before it is used (a canonical
+    terminal's read() returns 0 there, so llama.cpp's `main` exits; keys after it are dropped), elsewhere
+    in a line it is dropped; other control keys are dropped. `take_turn()` gives a reader what to show at
+    its prompt. Thread-safe: in spawn mode the start-up reader feeds it from its thread.
     """
 
     def __init__(self):
@@ -72,6 +74,7 @@ class TypeAhead:
         self._text = ""             # decoded, edited text: lines ended by "\n", then the line being typed
         self._esc = ""              # inside an escape sequence: "esc", "csi", "ss3" or "str" (OSC, DCS...)
         self._after_cr = False      # a CR just ended a line: a following LF is the same Enter
+        self._eof = False           # Ctrl-D on an empty line: the input ends after self._text
 
     @property
     def text(self) -> str:
@@ -87,7 +90,7 @@ class TypeAhead:
             for ch in self._decoder.decode(data):
                 if ch == "\x03":                  # a half-read character after it stays in the decoder
                     presses += 1
-                    self._text, self._esc, self._after_cr = "", "", False
+                    self._text, self._esc, self._after_cr, self._eof = "", "", False, False
                 else:
                     self._key(ch)
             return presses
@@ -105,10 +108,12 @@ class TypeAhead:
             self._text += other._text
             self._decoder, other._decoder = other._decoder, self._decoder
             self._esc, self._after_cr = other._esc, other._after_cr
+            self._eof = self._eof or other._eof
             other._clear()
 
-    def take_turn(self, multiline: bool) -> tuple[str, bool]:
-        """What the next prompt starts with -> (text, complete).
+    def take_turn(self, multiline: bool) -> tuple[str | None, bool]:
+        """What the next prompt starts with -> (text, complete); (None, False): the input has ended (Ctrl-D
+        on an empty line, and everything typed before it taken).
 
         Whole lines are handed over one turn at a time, by chat/lines.py's rules: if a typed line ends a
         turn (Enter; `\\` and --multiline-input continue, `/` ends), that turn's lines are returned
@@ -118,6 +123,8 @@ class TypeAhead:
         user goes on typing. ("", False) when nothing was typed ahead.
         """
         with self._lock:
+            if self._eof and not self._text:
+                return None, False
             lines = self._text.split("\n")         # the last item: the line being typed (maybe "")
             for i, line in enumerate(lines[:-1]):
                 if not apply_line_rule(line, multiline)[1]:
@@ -127,10 +134,12 @@ class TypeAhead:
             return "\n".join(lines), False
 
     def _clear(self) -> None:
-        self._text, self._esc, self._after_cr = "", "", False
+        self._text, self._esc, self._after_cr, self._eof = "", "", False, False
         self._decoder.reset()
 
     def _key(self, ch: str) -> None:
+        if self._eof:                               # the input has ended: nothing after it counts
+            return
         after_cr, self._after_cr = self._after_cr, False
         if self._esc or ch == "\x1b":
             self._escape(ch)
@@ -151,6 +160,8 @@ class TypeAhead:
             kept = line.rstrip(" ")
             kept = kept[:len(kept) - len(kept.split(" ")[-1])]
             self._text = self._text[:line_start] + kept
+        elif ch == "\x04":                          # Ctrl-D: end of input on an empty line
+            self._eof = len(self._text) == line_start
         elif ch == "\t" or ch >= " " and not "\x80" <= ch <= "\x9f":
             self._text += ch
         # other control keys are dropped
@@ -237,6 +248,8 @@ class PlainReader:
         lines = LineAssembler(self.multiline)
         watch = session.peer_watch
         ahead, complete = self.typed.take_turn(self.multiline)
+        if ahead is None:                            # Ctrl-D typed ahead on an empty line
+            return None
         self.ui.begin_user_input()
         try:
             turn, head = None, ""                    # head: the line typed ahead, not yet ended
@@ -340,6 +353,8 @@ class TerminalReader:
         watch = session.peer_watch
         app = self.prompt_session.app
         ahead, complete = self.typed.take_turn(self.multiline)
+        if ahead is None:                  # Ctrl-D typed ahead on an empty line: as Ctrl-D at the prompt
+            return None
         try:
             text = self.prompt_session.prompt(
                 message, default=ahead, accept_default=complete,

@@ -65,6 +65,32 @@ def test_line_editing_keys_and_other_controls():
     assert fed(b"a\rb\nc\r\nd\r", b"\ne").text == "a\nb\nc\nd\ne"     # CR, LF, CR LF: one Enter each
 
 
+def test_ctrl_d_on_an_empty_line_ends_the_input_after_what_came_before():
+    """As a canonical terminal's read() returns 0 for Ctrl-D on an empty line (llama.cpp's `main` then
+    exits): the turns typed before it first, then None; keys after it are dropped."""
+    t = fed(b"\x04")
+    assert t.take_turn(False) == (None, False)
+    t = fed(b"one\rtwo\n\x04three\n")
+    assert [t.take_turn(False), t.take_turn(False), t.take_turn(False)] == [("one", True), ("two", True),
+                                                                         (None, False)]
+    t = fed(b"zeb\x04ra\n")                     # inside a line: dropped, the line goes on
+    assert t.take_turn(False) == ("zebra", True) and t.take_turn(False) == ("", False)
+    t = TypeAhead()
+    assert t.feed(b"\x04\x03zebra") == 1           # Ctrl-C after it empties the queue, the end included
+    assert t.take_turn(False) == ("zebra", False)
+    primary = fed(b"\x04")
+    t = fed(b"one\n")
+    t.absorb(primary)                                # keys typed while the cluster started keep it
+    assert t.take_turn(False) == ("one", True) and t.take_turn(False) == (None, False)
+
+
+def test_readers_end_at_a_ctrl_d_typed_ahead():
+    ui, _ = quiet_ui()
+    r = PlainReader(io.StringIO("never read\n"), ui, multiline=False, echo=False, typed=fed(b"hello\n\x04"))
+    assert r.read_turn(NoHooks(), False) == "hello\n"
+    assert r.read_turn(NoHooks(), False) is None
+
+
 def test_ctrl_c_empties_what_was_typed_before_it_and_is_counted():
     t = TypeAhead()
     assert t.feed(b"zebra\x1b[") == 0
@@ -309,6 +335,20 @@ def test_ctrl_c_while_generating_discards_what_was_typed_before_it(tmp_path):
     read_for(child, 1.0)
     child.sendintr()
     assert end_chat(child, md, tag) == ["crossing"]
+
+
+@pytest.mark.parametrize("simple_io", [[], ["--simple-io"]], ids=["prompt_toolkit", "plain"])
+def test_ctrl_d_typed_while_generating_ends_the_chat_after_the_reply(tmp_path, simple_io):
+    """Ctrl-D on an empty line while the model generates (or just before the prompt reads the terminal):
+    the reply finishes, then the chat exits 0 as Ctrl-D at the prompt does, never waiting at a prompt."""
+    child, md, tag = start_chat(tmp_path, *simple_io, "-i", "-p", "Once upon a time", *LONG)
+    child.expect_exact("Once upon a time")
+    read_for(child, 0.2)
+    os.write(child.child_fd, b"\x04")
+    assert finish(child, timeout=60) == 0, child.before[-300:]
+    assert len(child.before) > 200, child.before              # the model went on after the key
+    assert_no_rank_left(tag)
+    assert user_turns(md) == []
 
 
 def test_keys_typed_while_the_cluster_starts_reach_the_first_prompt(tmp_path):
