@@ -549,11 +549,13 @@ def _to_options(ns: argparse.Namespace, file_argv: tuple[str, ...]) -> ChatOptio
         raise UsageError(f"--tp {opts.tp}: --np {opts.np} is not a multiple of {opts.tp} "
                          f"(ranks form groups of {opts.tp}, one group per pipeline stage)")
     if opts.mpi_layer_split is not None and opts.np is not None and len(opts.mpi_layer_split) != opts.np // opts.tp:
+        n = len(opts.mpi_layer_split)
+        weights = f"{n} weight{'s' if n != 1 else ''}"
         if opts.tp == 1:
-            raise UsageError(f"--mpi-layer-split has {len(opts.mpi_layer_split)} weights but --np is {opts.np}: "
-                             "give one weight per rank")
-        raise UsageError(f"--mpi-layer-split has {len(opts.mpi_layer_split)} weights but --np {opts.np} with "
-                         f"--tp {opts.tp} makes {opts.np // opts.tp} stages: give one weight per stage")
+            raise UsageError(f"--mpi-layer-split has {weights} but --np is {opts.np}: give one weight per rank")
+        stages = opts.np // opts.tp
+        raise UsageError(f"--mpi-layer-split has {weights} but --np {opts.np} with "
+                         f"--tp {opts.tp} makes {stages} stage{'s' if stages != 1 else ''}: give one weight per stage")
     return opts
 
 

@@ -80,6 +80,7 @@ def test_underscore_aliases():
     (["--prompt-var", "X"], "--prompt-var: 'X' is not NAME=VALUE"),
     (["--mpi-layer-split", "1,x"], "--mpi-layer-split: '1,x' is not a comma-separated list"),
     (["--np", "2", "--mpi-layer-split", "1,1,1"], "--mpi-layer-split has 3 weights but --np is 2"),
+    (["--np", "2", "--mpi-layer-split", "1"], "--mpi-layer-split has 1 weight but --np is 2"),
     (["-p", "a", "-f", "b"], "-p/--prompt and -f/--file both given"),
     (["missing-options.txt"], "options file 'missing-options.txt' not found"),
 ])

@@ -90,6 +90,8 @@ def test_single_process_f32_refusal(monkeypatch):
     (["--np", "3", "--tp", "2"], "--tp 2: --np 3 is not a multiple of 2"),
     (["--np", "4", "--tp", "2", "--mpi-layer-split", "1,1,1,1"],
      "--mpi-layer-split has 4 weights but --np 4 with --tp 2 makes 2 stages: give one weight per stage"),
+    (["--np", "2", "--tp", "2", "--mpi-layer-split", "1,1"],
+     "--mpi-layer-split has 2 weights but --np 2 with --tp 2 makes 1 stage: give one weight per stage"),
     (["--tp", "0"], "--tp 0 is out of range"),
     (["--weights", "f16"], "argument --weights: invalid choice: 'f16'"),
 ])
