@@ -42,28 +42,41 @@ class CtrlCWatcher:
         self.typed = typed
         self._saved = termios.tcgetattr(fd)
         self.active = False
+        self._left_raw = False      # paused for a raw-mode reader: the terminal still in generation mode
 
     def resume(self) -> None:
         """Generation starts: no signals, no echo, no line buffering."""
         import termios
         if self.active:
             return
-        self._saved = termios.tcgetattr(self.fd)
-        attrs = termios.tcgetattr(self.fd)
+        if not self._left_raw:                  # (after a raw-mode reader: the terminal as the user had it
+            self._saved = termios.tcgetattr(self.fd)   # is still the one saved before it)
+        self._left_raw = False
+        attrs = [list(a) if isinstance(a, list) else a for a in self._saved]
         attrs[3] &= ~(termios.ISIG | termios.ICANON | termios.ECHO)
         attrs[6][termios.VMIN], attrs[6][termios.VTIME] = 0, 0
         termios.tcsetattr(self.fd, termios.TCSANOW, attrs)
         self.active = True
 
-    def pause(self, line_reader: bool = False) -> None:
+    def pause(self, line_reader: bool = False, raw_reader: bool = False) -> None:
         """Back to the terminal as it was (before reading a turn, and at exit).
 
         line_reader: a plain line reader follows; keep signals off but let Ctrl-C end the line (VEOL),
             so that it still never reaches the process manager.
+        raw_reader: a reader that puts the terminal in raw mode itself follows (prompt_toolkit): stop
+            reading keys but leave the terminal as it is until that reader takes it, so keys typed in
+            between stay in the input queue as typed. Back in canonical mode for those milliseconds, the
+            terminal would echo them under the prompt and turn a Ctrl-D on an empty line into an end of
+            file that a raw-mode reader never sees (the chat then sat at its prompt).
         """
         import termios
-        if not self.active:
+        if not self.active and not (self._left_raw and not raw_reader):
             return
+        self.active = False
+        if raw_reader:
+            self._left_raw = True
+            return
+        self._left_raw = False
         attrs = [list(a) if isinstance(a, list) else a for a in self._saved]
         if line_reader:
             attrs[3] &= ~termios.ISIG
@@ -172,7 +185,7 @@ def make_chat_ctrl_c(reader=None, loading: LoadingCtrlC | None = None) -> ChatCt
     line_reader = isinstance(reader, PlainReader)
     if line_reader:
         reader.ctrl_c_ends_line = True
-    return ChatCtrlC(watcher, line_reader)
+    return ChatCtrlC(watcher, line_reader, raw_reader=isinstance(reader, TerminalReader))
 
 
 class ChatCtrlC:
@@ -183,9 +196,10 @@ class ChatCtrlC:
     after each step, `with ctrl_c.reading():` around reading a turn, `pause()` before the last output.
     """
 
-    def __init__(self, keys: CtrlCWatcher | None, line_reader: bool = False):
+    def __init__(self, keys: CtrlCWatcher | None, line_reader: bool = False, raw_reader: bool = False):
         self.keys = keys
         self.line_reader = line_reader           # a plain line reader: Ctrl-C ends its line (VEOL)
+        self.raw_reader = raw_reader             # prompt_toolkit: it sets the terminal's modes itself
         self.presses = 0
         self.at_prompt = False
         self._previous = None
@@ -233,7 +247,7 @@ class ChatCtrlC:
             raise KeyboardInterrupt
         self.at_prompt = True
         if self.keys is not None:
-            self.keys.pause(line_reader=self.line_reader)
+            self.keys.pause(line_reader=self.line_reader, raw_reader=self.raw_reader)
         try:
             yield
         finally:

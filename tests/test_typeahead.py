@@ -206,6 +206,34 @@ def wait_until(cond, timeout: float = 5.0) -> None:
         time.sleep(0.02)
 
 
+def test_a_raw_mode_reader_gets_the_terminal_as_generation_left_it():
+    """Reading with prompt_toolkit (raw_reader): the watcher stops reading but leaves the terminal without
+    echo and line discipline, so a Ctrl-D typed before prompt_toolkit starts stays a byte in the queue;
+    generation resumes in that mode, and at the end the terminal is the user's again."""
+    import termios
+    primary, replica = pty.openpty()
+    try:
+        user = termios.tcgetattr(replica)
+        ctrl_c = ChatCtrlC(CtrlCWatcher(replica, TypeAhead()), raw_reader=True)
+        with ctrl_c:
+            with ctrl_c.reading():
+                assert not ctrl_c.keys.active
+                assert not termios.tcgetattr(replica)[3] & (termios.ICANON | termios.ECHO)
+                os.write(primary, b"\x04")
+                time.sleep(0.1)
+                assert os.read(replica, 16) == b"\x04"              # canonical mode would read b"" (EOF)
+            assert ctrl_c.keys.active and not termios.tcgetattr(replica)[3] & termios.ICANON
+        assert termios.tcgetattr(replica) == user
+        ctrl_c = ChatCtrlC(CtrlCWatcher(replica, TypeAhead()))        # a plain reader: the user's modes
+        with ctrl_c:
+            with ctrl_c.reading():
+                assert termios.tcgetattr(replica) == user
+        assert termios.tcgetattr(replica) == user
+    finally:
+        os.close(primary)
+        os.close(replica)
+
+
 def test_watcher_keeps_keys_and_reading_takes_the_last_ones_first():
     primary, replica = pty.openpty()
     try:
@@ -349,6 +377,23 @@ def test_ctrl_d_typed_while_generating_ends_the_chat_after_the_reply(tmp_path, s
     assert len(child.before) > 200, child.before              # the model went on after the key
     assert_no_rank_left(tag)
     assert user_turns(md) == []
+
+
+@pytest.mark.parametrize("simple_io", [[], ["--simple-io"]], ids=["prompt_toolkit", "plain"])
+def test_ctrl_d_typed_as_the_prompt_appears_ends_the_chat(tmp_path, simple_io):
+    """Ctrl-D the moment "> " shows after a reply, before the reader has the terminal: the chat exits 0.
+    It used to be lost with prompt_toolkit (the terminal was back in canonical mode for those
+    milliseconds, which turned the key into an end of file prompt_toolkit never saw) and the chat sat
+    at its prompt."""
+    child, md, tag = start_chat(tmp_path, *simple_io, "-cnv", "-p", "Hi", "-n", "8", "--temp", "0")
+    child.expect_exact("\r\n\r\n> ", timeout=60)              # the reply ended; the next prompt's row
+    if not simple_io:
+        wait_for_prompt(child)
+    child.send("Once\r")                                       # a turn typed at the prompt, then its reply
+    child.expect_exact("\r\n\r\n> ", timeout=60)
+    os.write(child.child_fd, b"\x04")
+    assert finish(child, timeout=20) == 0, child.before[-300:]
+    assert_no_rank_left(tag)
 
 
 def test_keys_typed_while_the_cluster_starts_reach_the_first_prompt(tmp_path):
