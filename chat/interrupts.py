@@ -44,6 +44,10 @@ class CtrlCWatcher:
         self.active = False
         self._left_raw = False      # paused for a raw-mode reader: the terminal still in generation mode
 
+    def _user_attrs(self) -> list:
+        """A copy of the attributes the user had (its control characters a list of their own)."""
+        return [list(a) if isinstance(a, list) else a for a in self._saved]
+
     def resume(self) -> None:
         """Generation starts: no signals, no echo, no line buffering."""
         import termios
@@ -52,7 +56,7 @@ class CtrlCWatcher:
         if not self._left_raw:                  # (after a raw-mode reader: the terminal as the user had it
             self._saved = termios.tcgetattr(self.fd)   # is still the one saved before it)
         self._left_raw = False
-        attrs = [list(a) if isinstance(a, list) else a for a in self._saved]
+        attrs = self._user_attrs()
         attrs[3] &= ~(termios.ISIG | termios.ICANON | termios.ECHO)
         attrs[6][termios.VMIN], attrs[6][termios.VTIME] = 0, 0
         termios.tcsetattr(self.fd, termios.TCSANOW, attrs)
@@ -70,19 +74,18 @@ class CtrlCWatcher:
             file that a raw-mode reader never sees (the chat then sat at its prompt).
         """
         import termios
-        if not self.active and not (self._left_raw and not raw_reader):
-            return
-        self.active = False
         if raw_reader:
-            self._left_raw = True
+            if self.active:
+                self.active, self._left_raw = False, True
             return
-        self._left_raw = False
-        attrs = [list(a) if isinstance(a, list) else a for a in self._saved]
+        if not (self.active or self._left_raw):
+            return
+        self.active = self._left_raw = False
+        attrs = self._user_attrs()
         if line_reader:
             attrs[3] &= ~termios.ISIG
             attrs[6][termios.VEOL] = b"\x03"
         termios.tcsetattr(self.fd, termios.TCSANOW, attrs)
-        self.active = False
 
     def poll(self) -> int:
         """Ctrl-C presses typed since the last poll; the other keys go to `typed`."""

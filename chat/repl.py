@@ -90,7 +90,7 @@ class TypeAhead:
             for ch in self._decoder.decode(data):
                 if ch == "\x03":                  # a half-read character after it stays in the decoder
                     presses += 1
-                    self._text, self._esc, self._after_cr, self._eof = "", "", False, False
+                    self._forget()
                 else:
                     self._key(ch)
             return presses
@@ -133,8 +133,12 @@ class TypeAhead:
             self._text = ""
             return "\n".join(lines), False
 
-    def _clear(self) -> None:
+    def _forget(self) -> None:
+        """Everything typed so far, but not a half-read character (a Ctrl-C keeps that in the decoder)."""
         self._text, self._esc, self._after_cr, self._eof = "", "", False, False
+
+    def _clear(self) -> None:
+        self._forget()
         self._decoder.reset()
 
     def _key(self, ch: str) -> None:
