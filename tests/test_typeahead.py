@@ -268,7 +268,9 @@ pexpect = pytest.importorskip("pexpect")
 from test_cli_support import assert_no_rank_left, stories_or_skip, tagged_env  # noqa: E402
 from test_pty import finish, read_for, spawn, wait_for_prompt  # noqa: E402
 
-LONG = ["-n", "500", "--ignore-eos", "--temp", "0"]       # a turn takes a few seconds on stories260K
+# a turn long enough that keys typed over ~0.5 s all arrive while it generates: stories260K decodes a token
+# in ~0.7-1.1 ms here (~1.6 ms in these pty tests), so 500 tokens ended in ~0.5 s and a key could reach the prompt instead
+LONG = ["-n", "1500", "-c", "2048", "--ignore-eos", "--temp", "0"]
 
 
 def user_turns(md: Path) -> list[str]:
