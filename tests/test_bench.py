@@ -25,3 +25,31 @@ def test_bench_prints_a_table_and_consistent_json(tmp_path):
         assert abs(cell["GBps"] - cell["bytes"] / (cell["ms"] / 1e3) / 1e9) < 1e-6 * cell["GBps"]
     mm = row["matmul64"]
     assert abs(mm["GFLOPs"] - 2 * 64 * 4096 * 4096 / (mm["ms"] / 1e3) / 1e9) < 1e-6 * mm["GFLOPs"]
+
+
+def test_pair_figures_by_hand():
+    from core.tools.paired_bench import pair_figures
+    base = [[99.0, 10.0, 30.0], [50.0, 40.0, 40.0]]     # first token of each burst left out
+    other = [[77.0, 10.0, 10.0], [1.0, 20.0, 20.0]]
+    fig = pair_figures(base, other)
+    assert fig["pairs"] == [2.0, 2.0]                   # 20/10, 40/20
+    assert fig["tok_s"] == [1000.0 * 4 / 120.0, 1000.0 * 4 / 60.0]
+    assert fig["ratio"] == 2.0 and fig["median_pair"] == 2.0
+
+
+def test_paired_bench_takes_turns_between_one_process_and_tp2(tmp_path):
+    """Both jobs run to the end (neither waits forever for its turn), each decodes every burst, and the
+    printed figures are those of the bursts it timed."""
+    from core.tools.paired_bench import pair_figures
+    from core.tools.synth import write_synthetic
+    model = tmp_path / "tiny.gguf"
+    write_synthetic(model, "tiny", "q4_0")
+    proc = subprocess.run([sys.executable, "-m", "core.tools.paired_bench", "--model", str(model), "--prompt", "8",
+                           "--bursts", "3", "--burst", "4", "--json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert r["ranks"] == [1, 2]
+    assert [len(b) for job in r["ms"] for b in job] == [4] * 6
+    assert r == r | pair_figures(*r["ms"])
+    assert len(r["pairs"]) == 3 and r["ratio"] > 0
