@@ -6,6 +6,7 @@ silence, core/liveness.py). It must not know about models or layers: core/pipeli
 """
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import shutil
@@ -506,14 +507,105 @@ def join_parent() -> Transport | None:
 
 TAG_GROUP_DATA, TAG_GROUP_SUM = 21, 22   # on a group's own communicator
 GROUP_SPIN_S = float(os.environ.get("LLAMA_MPI_GROUP_SPIN_S", "0.001"))   # see Group.wait
-ALLREDUCE_ENV = "LLAMA_MPI_ALLREDUCE"     # "mpi" (default), "p2p" or "mpi-blocking": Group.allreduce_sum's way
-ALLREDUCE_METHODS = ("p2p", "mpi", "mpi-blocking")
+ALLREDUCE_ENV = "LLAMA_MPI_ALLREDUCE"     # "shm" (default), "mpi", "p2p" or "mpi-blocking": Group.allreduce_sum's way
+ALLREDUCE_METHODS = ("shm", "p2p", "mpi", "mpi-blocking")
+SHM_FLOATS = 1 << 18                      # floats a rank's slot of the shared window holds (1 MiB)
 
 
 def split_group(t: Transport, color: int) -> Group:
     """(collective over t's communicator, every rank at the same point of start-up) the ranks of one
     colour, in world order, as a Group: one pipeline stage's tensor-parallel ranks."""
-    return Group(t.comm.Split(color, t.rank), t)
+    comm = t.comm.Split(color, t.rank)
+    method = os.environ.get(ALLREDUCE_ENV, "shm")
+    if method not in ALLREDUCE_METHODS:
+        raise ValueError(f"{ALLREDUCE_ENV}={method}: expected one of {', '.join(ALLREDUCE_METHODS)}")
+    # spawn mode: MPICH shares no window between the head's world and its spawned workers' (nor tells so
+    # before failing), so those groups sum with MPI_Iallreduce
+    shm = SharedSum.create(comm, t.host) if method == "shm" and t._inter is None else None   # collective
+    return Group(comm, t, "mpi" if method == "shm" and shm is None else method, shm)
+
+
+class SharedSum:
+    """The sum of a group's partials through one MPI shared-memory window, for a group whose ranks all run on
+    one host: each rank copies its partial into its slot and raises its flag (the call's sequence number);
+    once every flag has reached it, each rank adds the slots in group rank order (the same additions on
+    every rank: bitwise the same sum). Two sets of slots, used in turn: a rank writes set s % 2 only after
+    seeing every flag at s - 1, i.e. after every peer has finished reading set s % 2 in call s - 2.
+
+    Window layout (bytes): one 64-byte line per rank holding its flag (int64), then slots [2][ranks][SHM_FLOATS]
+    float32. MPI_Win_sync (a memory barrier) orders the slot writes before the flag, and the flag read before
+    the slot reads. The window is never freed (freeing is collective; MPI_Finalize or the job's end does it).
+    """
+
+    LINE = 8                                     # int64 per flag: one cache line each
+
+    def __init__(self, comm: Any, win: Any, mem: np.ndarray):
+        self.comm, self.win = comm, win
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        n_flag = self.size * self.LINE
+        self.flags = mem[:n_flag * 8].view(np.int64)                  # (size * LINE,)
+        self.slots = mem[n_flag * 8:].view(np.float32).reshape(2, self.size, SHM_FLOATS)
+        self.seq = 0
+        self._others = [r * self.LINE for r in range(self.size) if r != self.rank]   # peers' flags
+        self._views: dict[tuple[int, int], tuple] = {}                # (set, n) -> (own slot, all slots)
+
+    @classmethod
+    def create(cls, comm: Any, host: str) -> SharedSum | None:
+        """(collective over comm) the window, or None on every rank unless all of them share one host."""
+        MPI = mpi()
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED, comm.Get_rank())
+        together = node.Get_size() == comm.Get_size() and len(set(comm.allgather(host))) == 1
+        node.Free()
+        if not comm.allreduce(int(together), op=MPI.MIN):
+            return None
+        size = comm.Get_size()
+        n_bytes = size * cls.LINE * 8 + 2 * size * SHM_FLOATS * 4
+        win = MPI.Win.Allocate_shared(n_bytes if comm.Get_rank() == 0 else 0, 1, comm=comm)
+        buf, _ = win.Shared_query(0)
+        mem = np.frombuffer(buf, dtype=np.uint8, count=n_bytes)
+        win.Lock_all(MPI.MODE_NOCHECK)                                 # passive target: Sync is allowed
+        if comm.Get_rank() == 0:
+            mem[:size * cls.LINE * 8] = 0
+        win.Sync()
+        comm.Barrier()
+        win.Sync()
+        return cls(comm, win, mem)
+
+    def fits(self, n: int) -> bool:
+        return n <= SHM_FLOATS
+
+    def post(self, x: np.ndarray) -> int:
+        """Put this rank's partial (contiguous float32, fits) in its slot and raise its flag; the call's number."""
+        self.seq += 1
+        self._set(self.seq, x.size)[0][...] = x.reshape(-1)
+        self.win.Sync()
+        self.flags[self.rank * self.LINE] = self.seq
+        return self.seq
+
+    def _set(self, seq: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's slot and every rank's slot, (n,) and (size, n), in the set call `seq` uses."""
+        key = (seq & 1, n)
+        views = self._views.get(key)
+        if views is None:
+            parts = self.slots[seq & 1, :, :n]
+            views = self._views[key] = (parts[self.rank], parts)
+        return views
+
+    def arrived(self, seq: int) -> bool:
+        flags = self.flags
+        for i in self._others:
+            if flags[i] < seq:
+                return False
+        return True
+
+    def total(self, seq: int, shape: tuple[int, ...]) -> np.ndarray:
+        """(after arrived(seq)) every rank's slot added in rank order."""
+        self.win.Sync()
+        parts = self._set(seq, math.prod(shape))[1]
+        total = parts[0] + parts[1]
+        for r in range(2, self.size):
+            total += parts[r]
+        return total.reshape(shape)
 
 
 class Group:
@@ -526,26 +618,27 @@ class Group:
     layer); a rank that waits longer (idle, or a slow stage before it) sleeps.
     """
 
-    def __init__(self, comm: Any, owner: Transport, method: str | None = None):
-        self.comm, self.owner = comm, owner
+    def __init__(self, comm: Any, owner: Transport, method: str = "mpi", shm: SharedSum | None = None):
+        if method not in ALLREDUCE_METHODS or (method == "shm") != (shm is not None):
+            raise ValueError(f"all-reduce method {method!r} with{'out' if shm is None else ''} a shared window")
+        self.comm, self.owner, self.shm, self.method = comm, owner, shm, method
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
-        self.method = method or os.environ.get(ALLREDUCE_ENV, "mpi")
-        if self.method not in ALLREDUCE_METHODS:
-            raise ValueError(f"{ALLREDUCE_ENV}={self.method}: expected one of {', '.join(ALLREDUCE_METHODS)}")
         self.bytes_sent = 0                  # by allreduce_sum, for per-rank stats
         self._parts: np.ndarray | None = None
 
     def wait(self, req: Any) -> None:
-        if req.Test():
-            return
+        if not req.Test():
+            self._spin_until(req.Test)
+
+    def _spin_until(self, done: Callable[[], bool]) -> None:
         t0 = time.monotonic()
         while time.monotonic() - t0 < GROUP_SPIN_S:
             os.sched_yield()
-            if req.Test():
+            if done():
                 self.owner.wait_s += time.monotonic() - t0
                 return
         self.owner.wait_s += time.monotonic() - t0
-        self.owner._poll_until(req.Test)
+        self.owner._poll_until(done)
 
     def isend(self, arr: np.ndarray, dest: int, tag: int = TAG_GROUP_DATA) -> Any:
         """Start sending a contiguous float32 array to group rank `dest` (keep it alive until waited)."""
@@ -558,17 +651,25 @@ class Group:
     def allreduce_sum(self, partial: np.ndarray) -> np.ndarray:
         """The group's sum of every rank's (T, n) float32 partial, bitwise the same on every rank.
 
-        "mpi" (the default): MPI_Iallreduce in place (MPICH's result is the same on every rank, its order
-        is MPICH's); "p2p": every rank sends its partial to every other one and adds them up in group rank
-        order (the same additions everywhere). Both waited as `wait` does; `partial` may be overwritten.
-        core.tools.tp_bench, 2 ranks on one node: 17-23 us for MPI against 28-36 us for p2p per token's
-        2048 floats, 644 against 847 us for a 64-token prefill's, so MPI is the default.
+        "shm" (the default when the group shares one host, outside spawn mode): through the group's shared
+        window (SharedSum: the partials added in group rank order), or MPI_Iallreduce for a partial larger
+        than a slot; "mpi" (the default otherwise): MPI_Iallreduce in place (MPICH's result is the same on
+        every rank, its order is MPICH's); "p2p": every rank sends its partial to every other one and adds
+        them up in group rank order. All waited as `wait` does; `partial` may be overwritten.
+        In a SmolLM2 --tp 2 decode on 2 cores, from the later rank's arrival to both leaving: 8-16 us through
+        the window against 13-40 us for MPI_Iallreduce (the p10-p90 of 2 runs each, taken in turn); a
+        back-to-back loop of them (core.tools.tp_bench) takes ~8 us a call either way.
         "mpi-blocking" (MPI_Allreduce: it busy-polls and watches for no failure) is there to be measured
         against (core.tools.tp_bench), not to be run."""
         x = np.ascontiguousarray(partial, dtype=np.float32)
         if self.size == 1:
             return x
         self.bytes_sent += x.nbytes * (self.size - 1)
+        if self.method == "shm" and self.shm.fits(x.size):
+            seq = self.shm.post(x)
+            if not self.shm.arrived(seq):
+                self._spin_until(lambda: self.shm.arrived(seq))
+            return self.shm.total(seq, x.shape)
         if self.method != "p2p":
             MPI = mpi()
             if self.method == "mpi-blocking":

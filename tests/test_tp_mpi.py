@@ -6,6 +6,7 @@ Failures of a TP rank are in test_faults.py.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -16,7 +17,7 @@ from chat.launch import start_cluster
 from chat.options import parse_options
 from core.tools.synth import write_synthetic
 from mpi_driver import generate, replay
-from mpi_helpers import PROMPT, driver_cmd, idle_cpu_of_ranks, load, model, mpiexec, run
+from mpi_helpers import PROMPT, REPO, driver_cmd, idle_cpu_of_ranks, load, model, mpiexec, run
 
 N_GEN = 8
 ATOL = 1e-4
@@ -75,10 +76,11 @@ def test_tp_matches_one_process(tmp_path, name, n, tp):
     assert got["n_past"].tolist() == [len(PROMPT) + N_GEN] * n             # every rank's cache in step
 
 
-@pytest.mark.parametrize("n, tp", [(3, 3), (4, 2)])
-def test_point_to_point_allreduce(tmp_path, n, tp):
-    """The hand-rolled exchange (LLAMA_MPI_ALLREDUCE=p2p; MPI_Iallreduce is the default) gives the same."""
-    got = tp_run(tmp_path, model("fx256-q4_k_m"), n, tp, env={"LLAMA_MPI_ALLREDUCE": "p2p"})
+@pytest.mark.parametrize("n, tp, method", [(3, 3, "p2p"), (4, 2, "p2p"), (3, 3, "mpi"), (4, 2, "mpi")])
+def test_other_allreduce_methods(tmp_path, n, tp, method):
+    """The point-to-point exchange and MPI_Iallreduce (LLAMA_MPI_ALLREDUCE; a shared window is the default)
+    give the same."""
+    got = tp_run(tmp_path, model("fx256-q4_k_m"), n, tp, env={"LLAMA_MPI_ALLREDUCE": method})
     check(got, ref(model("fx256-q4_k_m")))
 
 
@@ -222,3 +224,24 @@ def test_rss_per_rank_under_tp2_tinyllama_shaped(tmp_path):
     got = tp_run(tmp_path, path, 2, 2, n_gen=2, prompt=PROMPT[:16], opts=["-c", "256"])
     for rss, kv in zip(got["rss"], got["kv_bytes"]):
         assert rss <= stage_bytes / 2 * 1.2 + kv + 150 * 2**20, (rss / 2**20, stage_bytes / 2**21, kv / 2**20)
+
+
+@pytest.mark.parametrize("n, method, used", [(2, None, "shm"), (3, None, "shm"), (4, None, "shm"), (2, "mpi", "mpi"),
+                                              (3, "p2p", "p2p")])
+def test_group_sum_is_the_rank_order_sum_on_every_rank(n, method, used):
+    """A group on one host sums through a shared window by default (LLAMA_MPI_ALLREDUCE=shm): every rank gets
+    the same bits, the partials added in rank order, call after call (both sets of slots), and a partial too
+    big for a slot goes through MPI_Iallreduce."""
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    if method:
+        env["LLAMA_MPI_ALLREDUCE"] = method
+    r = run([mpiexec(), "-n", str(n), sys.executable, str(REPO / "tests" / "group_sum_job.py")], env=env)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["method"] == used
+    assert all(c["same_on_all"] and c["shape_ok"] for c in out["checks"]) and len(out["checks"]) == 10
+    exact = [c["rank_order_sum"] for c in out["checks"]]
+    if used == "shm":
+        assert all(exact[:7] + exact[8:])                                  # MPI's order is its own (index 7)
+    elif used == "p2p":
+        assert all(exact)

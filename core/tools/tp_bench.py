@@ -3,8 +3,8 @@
 Prints, for one model (default: a TinyLlama-shaped Q4_0 synthetic file, written once and cached under /tmp):
 decode and prefill tokens/s, load time and per-rank RSS (with each rank's budget: weights x 1.2 + KV +
 150 MB) of 1 process x 1 thread, 1 process -t 2, 2 ranks layer split, --tp 2 and --tp 2 --weights f32; the
-time of one all-reduce of n_embd floats between 2 ranks (hand-rolled p2p exchange, MPI_Iallreduce, both
-waited as the engine waits, and the blocking MPI_Allreduce, which spins); a table projected on paper
+time of one all-reduce of n_embd floats between 2 ranks (the shared window, the hand-rolled p2p exchange and
+MPI_Iallreduce, waited as the engine waits, and the blocking MPI_Allreduce, which spins); a table projected on paper
 to 4, 8 and 16 ranks from the measured per-rank compute and all-reduce cost; and, before and after, how many
 cores' worth of work two busy processes get (core_capacity: on a shared virtual machine, often less than 2,
 and no 2-rank job runs faster than that); and, with no MPI at all, the whole layers' forward alone against TP
@@ -33,7 +33,7 @@ CONFIGS = {  # name -> (ranks, options)
     "--tp 2": (2, ["--tp", "2"]),
     "--tp 2 --weights f32": (2, ["--tp", "2", "--weights", "f32"]),
 }
-ALLREDUCE_VARIANTS = [("p2p", None), ("p2p", "0"), ("mpi", None), ("mpi-blocking", None)]   # (method, spin)
+ALLREDUCE_VARIANTS = [("shm", None), ("p2p", None), ("p2p", "0"), ("mpi", None), ("mpi-blocking", None)]   # (method, spin)
 MIB = 2 ** 20
 
 
