@@ -32,6 +32,28 @@ def test_rope_rotates_adjacent_pairs_by_hand_angles():
     np.testing.assert_array_equal(y[4:], [1.0, 7.0])                     # dims past n_rot untouched
 
 
+def test_rope_angles_are_ggml_running_product_bit_for_bit():
+    """ggml's rope cache (ggml-cpu ops.cpp rope_cache_init): theta = p, then theta *= theta_scale once per
+    pair, each product rounded to float32; freq factors divide and freq_scale multiplies after."""
+    rng = np.random.default_rng(2)
+    for n_rot, base in ((4, 10000.0), (64, 100000.0), (128, 500000.0)):
+        theta_scale = np.float32(np.power(np.float32(base), np.float32(-2.0) / np.float32(n_rot)))
+        factors = rng.uniform(0.5, 8.0, n_rot // 2).astype(np.float32)
+        for positions in (np.array([0]), np.array([77]), np.array([-9]), np.arange(1000, 1064), np.arange(4096)):
+            want = np.empty((positions.size, n_rot // 2), np.float32)
+            for row, p in enumerate(positions):
+                theta = np.float32(p)
+                for i in range(n_rot // 2):
+                    want[row, i] = theta
+                    theta = np.float32(theta * theta_scale)
+            for ff, scale in ((None, 1.0), (factors, 0.25)):
+                angles = want if ff is None else (want / ff).astype(np.float32)
+                angles = (np.float32(scale) * angles).astype(np.float32)
+                cos, sin = rope_angles(positions, n_rot, base, scale, ff)
+                np.testing.assert_array_equal(cos, np.cos(angles))
+                np.testing.assert_array_equal(sin, np.sin(angles))
+
+
 def test_rope_position_zero_is_identity_and_scale_is_linear():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 2, 8)).astype(np.float32)
