@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .tp_bench import CONFIGS, DEFAULT_MODEL, MIB, _cpu, _mpiexec, others_running
+from .tp_bench import CONFIGS, DEFAULT_MODEL, MIB, _cpu, _mpiexec, _opt, others_running
 
 HANDOVER = b"."
 
@@ -34,13 +34,10 @@ def _job(args: argparse.Namespace) -> int:
     from ..generate import Evaluated, GenerateSettings, generate, greedy_sampler
 
     opts = args.opts
-
-    def opt(flag: str, default: str) -> str:
-        return opts[opts.index(flag) + 1] if flag in opts else default
     n_decode = args.bursts * args.burst
     settings = ClusterSettings(model=str(args.model), n_ctx=args.prompt + n_decode + 32,
-                               threads=int(opt("-t", "1")), tp=int(opt("--tp", "1")),
-                               weights=opt("--weights", "native"))
+                               threads=int(_opt(opts, "-t", "1")), tp=int(_opt(opts, "--tp", "1")),
+                               weights=_opt(opts, "--weights", "native"))
     pipe = start(settings, launch_mode(None))
     if pipe is None:                                                    # a worker: served until shutdown
         return 0
@@ -52,7 +49,6 @@ def _job(args: argparse.Namespace) -> int:
         bursts: list[list[float]] = []
         events = generate(pipe, greedy_sampler(pipe.config.n_vocab), prompt,
                           GenerateSettings(n_predict=n_decode + 8, n_batch=args.prompt))   # ends by break
-        print("READY", flush=True)
         for event in events:
             if not isinstance(event, Evaluated):
                 continue
@@ -63,6 +59,8 @@ def _job(args: argparse.Namespace) -> int:
                 os.write(turn_out, HANDOVER)                           # burst done: the other job's turn
                 if len(bursts) == args.bursts:
                     break
+            else:
+                print("READY", flush=True)                             # loaded and prefilled
             os.read(turn_in, 1)                                        # our turn
             bursts.append([])
         else:
@@ -152,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                                  stderr=errs[i], text=True, env=env)
                 for i, name in enumerate((args.base, args.other))]
         try:
-            for j in jobs:                                              # both loaded
+            for j in jobs:                                              # both loaded and prefilled
                 if not j.stdout.readline().startswith("READY"):
                     _failed(jobs, errs)
             busy = others_running(0.5)
