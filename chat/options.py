@@ -14,6 +14,7 @@ import shlex
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from core.cluster import env_ubatch
 from core.errors import UsageError
 from core.liveness import DEFAULT_RANK_TIMEOUT_S
 from core.partition import check_weights, parse_split
@@ -501,7 +502,16 @@ def parse_options(argv: list[str]) -> ChatOptions:
         path = ns.options_file
         ns = _parse(file_argv + [a for a in argv if a != path])
         ns.options_file = path
+    check_environment()
     return _to_options(ns, tuple(file_argv))
+
+
+def check_environment() -> None:
+    """The engine's settings read from the environment, checked with the options (under mpiexec every rank
+    reads the same ones, so rank 0 alone reports them): LLAMA_MPI_UBATCH and LLAMA_MPI_ALLREDUCE."""
+    from core.transport import allreduce_method    # importing does not start MPI
+    env_ubatch()
+    allreduce_method()
 
 
 def command_line_is_valid(argv: list[str]) -> bool:

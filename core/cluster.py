@@ -96,9 +96,15 @@ def _mib(n: int) -> str:
 
 
 def env_ubatch() -> int | None:
-    """The micro-batch size LLAMA_MPI_UBATCH asks for (unset or empty: automatic)."""
+    """The micro-batch size LLAMA_MPI_UBATCH asks for (unset or empty: automatic); a UsageError naming it
+    unless it is a whole number."""
     value = os.environ.get(UBATCH_ENV)
-    return int(value) if value else None
+    if not value:
+        return None
+    if not value.isdigit():
+        raise UsageError(f"{UBATCH_ENV}={value}: expected a number of tokens (0: no pipelined prefill; unset: "
+                         f"automatic)")
+    return int(value)
 
 
 def launch_mode(n_ranks: int | None) -> str:

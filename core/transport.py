@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import PipelineError
+from .errors import PipelineError, UsageError
 from .control import FRAME_LEN, Abort, Message, Shutdown, decode, encode
 from .liveness import HeadBeats, RankBeats
 from .notice import NoticeBoard
@@ -512,13 +512,19 @@ ALLREDUCE_METHODS = ("shm", "p2p", "mpi", "mpi-blocking")
 SHM_FLOATS = 1 << 18                      # floats a rank's slot of the shared window holds (1 MiB)
 
 
+def allreduce_method() -> str:
+    """The way LLAMA_MPI_ALLREDUCE asks for (unset: "shm"); a UsageError naming it otherwise."""
+    method = os.environ.get(ALLREDUCE_ENV) or "shm"
+    if method not in ALLREDUCE_METHODS:
+        raise UsageError(f"{ALLREDUCE_ENV}={method}: expected one of {', '.join(ALLREDUCE_METHODS)}")
+    return method
+
+
 def split_group(t: Transport, color: int) -> Group:
     """(collective over t's communicator, every rank at the same point of start-up) the ranks of one
     colour, in world order, as a Group: one pipeline stage's tensor-parallel ranks."""
     comm = t.comm.Split(color, t.rank)
-    method = os.environ.get(ALLREDUCE_ENV, "shm")
-    if method not in ALLREDUCE_METHODS:
-        raise ValueError(f"{ALLREDUCE_ENV}={method}: expected one of {', '.join(ALLREDUCE_METHODS)}")
+    method = allreduce_method()
     # spawn mode: MPICH shares no window between the head's world and its spawned workers' (nor tells so
     # before failing), so those groups sum with MPI_Iallreduce
     shm = SharedSum.create(comm, t.host) if method == "shm" and t._inter is None else None   # collective

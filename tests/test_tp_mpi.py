@@ -171,6 +171,23 @@ def test_layout_errors_are_one_line_before_loading(tmp_path, n, opts, line):
     assert [x for x in r.stderr.splitlines() if x.strip()] == [line]
 
 
+@pytest.mark.parametrize("var, value, line", [
+    ("LLAMA_MPI_ALLREDUCE", "bogus", "error: LLAMA_MPI_ALLREDUCE=bogus: expected one of shm, p2p, mpi, mpi-blocking"),
+    ("LLAMA_MPI_UBATCH", "x", "error: LLAMA_MPI_UBATCH=x: expected a number of tokens (0: no pipelined prefill; "
+                              "unset: automatic)"),
+])
+@pytest.mark.parametrize("launch", ["mpiexec", "spawn"])
+def test_bad_environment_is_one_line_from_rank_0(var, value, line, launch):
+    """An engine setting from the environment is checked with the options: one line, status 2, before
+    anything starts (a bad LLAMA_MPI_ALLREDUCE printed a traceback from every rank; in spawn mode the head
+    then hung until killed)."""
+    cli = [sys.executable, "-m", "chat", "-m", model("stories260K"), "-p", "Hi", "-n", "2", "--tp", "2"]
+    cmd = [mpiexec(), "-n", "2", *cli] if launch == "mpiexec" else [*cli, "--np", "2"]
+    r = run(cmd, env={var: value}, timeout=60)
+    assert r.returncode == 2
+    assert [x for x in r.stderr.splitlines() if x.strip()] == [line]
+
+
 def test_single_process_refuses_tp():
     r = run([sys.executable, "-m", "chat", "-m", model("stories260K"), "-p", "Hi", "-n", "2", "--tp", "2"])
     assert r.returncode == 2
