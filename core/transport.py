@@ -525,9 +525,7 @@ def split_group(t: Transport, color: int) -> Group:
     colour, in world order, as a Group: one pipeline stage's tensor-parallel ranks."""
     comm = t.comm.Split(color, t.rank)
     method = allreduce_method()
-    # spawn mode: MPICH shares no window between the head's world and its spawned workers' (nor tells so
-    # before failing), so those groups sum with MPI_Iallreduce
-    shm = SharedSum.create(comm, t.host) if method == "shm" and t._inter is None else None   # collective
+    shm = SharedSum.create(comm, t.host) if method == "shm" else None       # collective over the group
     return Group(comm, t, "mpi" if method == "shm" and shm is None else method, shm)
 
 
@@ -566,7 +564,14 @@ class SharedSum:
             return None
         size = comm.Get_size()
         n_bytes = size * cls.LINE * 8 + 2 * size * SHM_FLOATS * 4
-        win = MPI.Win.Allocate_shared(n_bytes if comm.Get_rank() == 0 else 0, 1, comm=comm)
+        # MPICH fails on every rank of a group that mixes the head's world and its spawned workers' (spawn
+        # mode's stage 0: "processes are not in the same shared memory domain"): that group uses MPI
+        try:
+            win = MPI.Win.Allocate_shared(n_bytes if comm.Get_rank() == 0 else 0, 1, comm=comm)
+        except MPI.Exception:
+            win = None
+        if not comm.allreduce(int(win is not None), op=MPI.MIN):
+            return None                         # (a window some rank did get is left to the job's end)
         buf, _ = win.Shared_query(0)
         mem = np.frombuffer(buf, dtype=np.uint8, count=n_bytes)
         win.Lock_all(MPI.MODE_NOCHECK)                                 # passive target: Sync is allowed
@@ -657,8 +662,8 @@ class Group:
     def allreduce_sum(self, partial: np.ndarray) -> np.ndarray:
         """The group's sum of every rank's (T, n) float32 partial, bitwise the same on every rank.
 
-        "shm" (the default when the group shares one host, outside spawn mode): through the group's shared
-        window (SharedSum: the partials added in group rank order), or MPI_Iallreduce for a partial larger
+        "shm" (the default when the group's ranks share one host and MPICH gives them a window): through its
+        shared window (SharedSum: the partials added in group rank order), or MPI_Iallreduce for a partial larger
         than a slot; "mpi" (the default otherwise): MPI_Iallreduce in place (MPICH's result is the same on
         every rank, its order is MPICH's); "p2p": every rank sends its partial to every other one and adds
         them up in group rank order. All waited as `wait` does; `partial` may be overwritten.

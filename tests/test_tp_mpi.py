@@ -179,8 +179,8 @@ def test_layout_errors_are_one_line_before_loading(tmp_path, n, opts, line):
 @pytest.mark.parametrize("launch", ["mpiexec", "spawn"])
 def test_bad_environment_is_one_line_from_rank_0(var, value, line, launch):
     """An engine setting from the environment is checked with the options: one line, status 2, before
-    anything starts (a bad LLAMA_MPI_ALLREDUCE printed a traceback from every rank; in spawn mode the head
-    then hung until killed)."""
+    anything starts (a bad LLAMA_MPI_ALLREDUCE printed a traceback from every rank, then status 1, or 137 in
+    spawn mode)."""
     cli = [sys.executable, "-m", "chat", "-m", model("stories260K"), "-p", "Hi", "-n", "2", "--tp", "2"]
     cmd = [mpiexec(), "-n", "2", *cli] if launch == "mpiexec" else [*cli, "--np", "2"]
     r = run(cmd, env={var: value}, timeout=60)
