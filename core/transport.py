@@ -544,7 +544,7 @@ class SharedSum:
     LINE = 8                                     # int64 per flag: one cache line each
 
     def __init__(self, comm: Any, win: Any, mem: np.ndarray):
-        self.comm, self.win = comm, win
+        self.win = win
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         n_flag = self.size * self.LINE
         self.flags = mem[:n_flag * 8].view(np.int64)                  # (size * LINE,)

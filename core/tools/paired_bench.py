@@ -20,7 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .tp_bench import CONFIGS, DEFAULT_MODEL, MIB, _cpu, _mpiexec, _opt, others_running
+from .tp_bench import (CONFIGS, MIB, _cpu, _mpiexec, add_model_option, ensure_model, job_env, job_settings,
+                       others_running, print_machine, split_job_options)
 
 HANDOVER = b"."
 
@@ -30,15 +31,11 @@ HANDOVER = b"."
 def _job(args: argparse.Namespace) -> int:
     """Load, prefill `--prompt` tokens, then decode `--bursts` bursts of `--burst` tokens, each after reading a
     byte from `--turn-in` and followed by writing one to `--turn-out`; the head prints one JSON line."""
-    from ..cluster import ClusterSettings, launch_mode, start
+    from ..cluster import launch_mode, start
     from ..generate import Evaluated, GenerateSettings, generate, greedy_sampler
 
-    opts = args.opts
     n_decode = args.bursts * args.burst
-    settings = ClusterSettings(model=str(args.model), n_ctx=args.prompt + n_decode + 32,
-                               threads=int(_opt(opts, "-t", "1")), tp=int(_opt(opts, "--tp", "1")),
-                               weights=_opt(opts, "--weights", "native"))
-    pipe = start(settings, launch_mode(None))
+    pipe = start(job_settings(args.model, args.prompt + n_decode + 32, args.opts), launch_mode(None))
     if pipe is None:                                                    # a worker: served until shutdown
         return 0
     turn_in = os.open(args.turn_in, os.O_RDWR)                         # RDWR: opening never blocks
@@ -107,13 +104,9 @@ def _failed(jobs: list[subprocess.Popen], errs: list) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra: list[str] = []
-    if "--" in argv:
-        argv, extra = argv[:argv.index("--")], argv[argv.index("--") + 1:]
+    argv, extra = split_job_options(list(sys.argv[1:] if argv is None else argv))
     p = argparse.ArgumentParser(prog="python -m core.tools.paired_bench", description=__doc__.splitlines()[0])
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL,
-                   help=f"GGUF file (default {DEFAULT_MODEL}, written from the tinyllama preset if missing)")
+    add_model_option(p)
     p.add_argument("--base", default="1 process x 1 thread", help="the configuration to compare against")
     p.add_argument("--other", default="--tp 2", help="the configuration compared (one of: " + ", ".join(CONFIGS) + ")")
     p.add_argument("--prompt", type=int, default=64, help="prompt tokens before the decode (default 64)")
@@ -132,15 +125,9 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"unknown configuration {name!r}")
     if args.burst < 2 or args.bursts < 1:
         p.error("--burst must be at least 2 (its first token is left out) and --bursts at least 1")
-    if not args.model.exists() and args.model == DEFAULT_MODEL:
-        from .synth import write_synthetic
-        print(f"writing {args.model} (tinyllama preset, q4_0) ...", flush=True)
-        write_synthetic(args.model, "tinyllama", "q4_0")
-    log = sys.stderr if args.json else sys.stdout
-    load = os.getloadavg()
-    print(f"CPU: {_cpu()}; load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", file=log, flush=True)
-    root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    ensure_model(args.model)
+    print_machine(sys.stderr if args.json else sys.stdout, "before")
+    env = job_env()
     with tempfile.TemporaryDirectory(prefix="paired-bench-") as tmp:
         fifo = [Path(tmp) / "turn-0", Path(tmp) / "turn-1"]
         for f in fifo:

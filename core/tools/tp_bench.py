@@ -43,16 +43,51 @@ def _opt(argv: list[str], flag: str, default: str) -> str:
     return argv[argv.index(flag) + 1] if flag in argv else default
 
 
+def job_settings(model: Path, n_ctx: int, opts: list[str]):
+    """A benchmark job's ClusterSettings: the model, n_ctx, and -t / --tp / --weights from `opts`."""
+    from ..cluster import ClusterSettings
+    return ClusterSettings(model=str(model), n_ctx=n_ctx, threads=int(_opt(opts, "-t", "1")),
+                           tp=int(_opt(opts, "--tp", "1")), weights=_opt(opts, "--weights", "native"))
+
+
+def job_env(env: dict | None = None) -> dict:
+    """The environment of a benchmark job: this one, with the repository on PYTHONPATH (and `env`)."""
+    root = str(Path(__file__).resolve().parents[2])
+    return dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {}))
+
+
+def split_job_options(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the tool's own arguments, the engine options after `--`)."""
+    if "--" not in argv:
+        return argv, []
+    return argv[:argv.index("--")], argv[argv.index("--") + 1:]
+
+
+def add_model_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                   help=f"GGUF file (default {DEFAULT_MODEL}, written from the tinyllama preset if missing)")
+
+
+def ensure_model(model: Path) -> None:
+    """Write the default TinyLlama-shaped Q4_0 file the first time it is asked for."""
+    if not model.exists() and model == DEFAULT_MODEL:
+        from .synth import write_synthetic
+        print(f"writing {model} (tinyllama preset, q4_0) ...", flush=True)
+        write_synthetic(model, "tinyllama", "q4_0")
+
+
+def print_machine(log, when: str) -> None:
+    load = os.getloadavg()
+    print(f"CPU: {_cpu()}; load average {when}: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", file=log, flush=True)
+
+
 def _eval_job(args: argparse.Namespace) -> int:
     """Load, then prefill `--prompt` tokens and decode `--decode` tokens through core.generate (best of
     `--repeat` prefills); the head prints one JSON line."""
-    from ..cluster import ClusterSettings, launch_mode, start
+    from ..cluster import launch_mode, start
     from ..generate import Evaluated, GenerateSettings, generate, greedy_sampler
 
-    opts = args.opts
-    settings = ClusterSettings(model=str(args.model), n_ctx=args.prompt + args.decode + 16,
-                               threads=int(_opt(opts, "-t", "1")), tp=int(_opt(opts, "--tp", "1")),
-                               weights=_opt(opts, "--weights", "native"))
+    settings = job_settings(args.model, args.prompt + args.decode + 16, args.opts)
     t0 = time.perf_counter()
     pipe = start(settings, launch_mode(None))
     if pipe is None:
@@ -171,8 +206,7 @@ def _run(cmd: list[str], env: dict | None = None, timeout: float = 1800) -> dict
     """Run one job; its RESULT, with `others_during`: the mean number of foreign processes running."""
     import threading
 
-    root = str(Path(__file__).resolve().parents[2])
-    full = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {}))
+    full = job_env(env)
     samples: list[int] = []
     done = threading.Event()
 
@@ -319,13 +353,9 @@ def project(one: dict, tp2: dict, ar_us: float, ar_tree_us: float, n_layer: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra: list[str] = []
-    if "--" in argv:
-        argv, extra = argv[:argv.index("--")], argv[argv.index("--") + 1:]
+    argv, extra = split_job_options(list(sys.argv[1:] if argv is None else argv))
     p = argparse.ArgumentParser(prog="python -m core.tools.tp_bench", description=__doc__.splitlines()[0])
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL,
-                   help=f"GGUF file (default {DEFAULT_MODEL}, written from the tinyllama preset if missing)")
+    add_model_option(p)
     p.add_argument("--prompt", type=int, default=64, help="prefill tokens (default 64)")
     p.add_argument("--decode", type=int, default=16, help="decoded tokens (default 16)")
     p.add_argument("--repeat", type=int, default=2, help="prefills per job, the best counts (default 2)")
@@ -352,17 +382,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.job == "allreduce":
         return _allreduce_job(args)
 
-    if not args.model.exists() and args.model == DEFAULT_MODEL:
-        from .synth import write_synthetic
-        print(f"writing {args.model} (tinyllama preset, q4_0) ...", flush=True)
-        write_synthetic(args.model, "tinyllama", "q4_0")
+    ensure_model(args.model)
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         p.error(f"unknown configuration {unknown[0]!r}")
-    load = os.getloadavg()
     log = sys.stderr if args.json else sys.stdout
-    print(f"CPU: {_cpu()}; load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", file=log, flush=True)
+    print_machine(log, "before")
     print(f"model: {args.model} ({args.model.stat().st_size / MIB:.0f} MiB); prefill {args.prompt} tokens, "
           f"decode {args.decode}", file=log, flush=True)
     capacity = [core_capacity()]
