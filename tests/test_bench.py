@@ -37,6 +37,23 @@ def test_pair_figures_by_hand():
     assert fig["ratio"] == 2.0 and fig["median_pair"] == 2.0
 
 
+def test_paired_ms_by_hand():
+    """Forwards of two shares paired by start time; "aligned" takes the slower forward of each pair, "synced" the
+    slower share between each pair of all-reduces (us in, ms out)."""
+    import math
+    from core.tools.tp_bench import paired_ms
+    ms = 1_000_000                                           # ns
+    a = [[0, [100.0, 300.0, 100.0]], [10 * ms, [300.0, 100.0, 100.0]], [20 * ms, [200.0, 200.0, 200.0]]]
+    b = [[ms // 10, [300.0, 100.0, 100.0]],                  # 0.1 ms after a[0]
+         [10 * ms - ms // 5, [100.0, 100.0, 300.0]],        # 0.2 ms before a[1]
+         [21 * ms, [900.0, 900.0, 900.0]]]                   # a[2]'s nearest, but 1 ms off: more than half of
+    got = paired_ms(a, b)                                    # a's median forward (0.5 ms), so a[2] is unpaired
+    # (a0, b0): aligned max(500, 500) us, synced 300 + 300 + 100; (a1, b1): 500 and 300 + 100 + 300
+    assert got == {"aligned": 0.5, "synced": 0.7}
+    assert all(math.isnan(v) for v in paired_ms(a[2:], b[2:]).values())
+    assert all(math.isnan(v) for v in paired_ms([], b).values())
+
+
 def test_paired_bench_takes_turns_between_one_process_and_tp2(tmp_path):
     """Both jobs run to the end (neither waits forever for its turn), each decodes every burst, and the
     printed figures are those of the bursts it timed."""

@@ -4,13 +4,14 @@ Prints, for one model (default: a TinyLlama-shaped Q4_0 synthetic file, written 
 decode and prefill tokens/s, load time and per-rank RSS (with each rank's budget: weights x 1.2 + KV +
 150 MB) of 1 process x 1 thread, 1 process -t 2, 2 ranks layer split, --tp 2 and --tp 2 --weights f32; the
 time of one all-reduce of n_embd floats between 2 ranks (the shared window, the hand-rolled p2p exchange and
-MPI_Iallreduce, waited as the engine waits, and the blocking MPI_Allreduce, which spins); a table projected on paper
-to 4, 8 and 16 ranks from the measured per-rank compute and all-reduce cost; and, before and after, how many
-cores' worth of work two busy processes get (core_capacity: on a shared virtual machine, often less than 2,
-and no 2-rank job runs faster than that); and, with no MPI at all, the whole layers' forward alone against TP
-shares 0 and 1 run at once (shares_ceiling: what two ranks computing together can give here). Every configuration runs as its own job (under the mpich wheel's
-mpiexec for the MPI ones), one after the other, `--rounds` times in turn (the best of each is kept: the
-machine may be shared). Owns nothing the engine uses; asserts nothing.
+MPI_Iallreduce, waited as the engine waits, and the blocking MPI_Allreduce, which spins); a table projected
+on paper to 4, 8 and 16 ranks from the measured per-rank compute and all-reduce cost; and, before and after,
+how many cores' worth of work two busy processes get (core_capacity: on a shared virtual machine, often less
+than 2, and no 2-rank job runs faster than that); and, with no MPI at all, the whole layers' forward alone
+against TP shares 0 and 1 run at once (shares_ceiling: what two ranks computing together can give here, and
+what is left of it when they wait for each other at every all-reduce). Every configuration runs as its own
+job (under the mpich wheel's mpiexec for the MPI ones), one after the other, `--rounds` times in turn (the
+best of each is kept: the machine may be shared). Owns nothing the engine uses; asserts nothing.
 """
 from __future__ import annotations
 
@@ -142,7 +143,9 @@ def _eval_job(args: argparse.Namespace) -> int:
 
 def _layers_job(args: argparse.Namespace) -> int:
     """(one process, no MPI) median ms of the layers' forward over `--prompt` tokens for `--seconds` from the
-    wall-clock time `--start`: the whole layers (`--share whole`) or TP share i of 2 (its all-reduces left out)."""
+    wall-clock time `--start`: the whole layers (`--share whole`) or TP share i of 2 (its all-reduces left out,
+    each call's time kept: "steps" lists every forward's start, time.monotonic_ns(), and the us between its
+    all-reduces, for synced_ms)."""
     import numpy as np
 
     from ..cluster import limit_blas_threads
@@ -154,22 +157,60 @@ def _layers_job(args: argparse.Namespace) -> int:
     model = open_model(args.model)
     layers = range(model.config.n_layer)
     kw = {"embed": False, "head": False, "n_ctx": args.prompt}
+    marks: list[int] = []
+
+    def allreduce(a):
+        marks.append(time.monotonic_ns())
+        return a
     stage = (Stage(model, layers, **kw) if args.share == "whole" else
-             Stage(model, layers, shard=plan_stage(model, layers, 2)[int(args.share)], allreduce=lambda a: a, **kw))
+             Stage(model, layers, shard=plan_stage(model, layers, 2)[int(args.share)], allreduce=allreduce, **kw))
     h = np.random.default_rng(0).standard_normal((args.prompt, stage.config.n_embd)).astype(np.float32)
+    steps = []
 
     def forward() -> float:
-        t = time.perf_counter()
+        marks.clear()
         stage.kv_clear()
+        t = time.perf_counter()
+        marks.append(time.monotonic_ns())
         stage.forward(h, 0)
+        marks.append(time.monotonic_ns())
+        steps.append([marks[0], [(b - a) / 1e3 for a, b in zip(marks, marks[1:])]])
         return time.perf_counter() - t
     forward()                                                           # untimed: pages, scratch
     time.sleep(max(0.0, args.start - time.time()))
+    steps.clear()
     times = []
     while time.time() < args.start + args.seconds or len(times) < 3:
         times.append(forward())
-    print("RESULT " + json.dumps({"median_ms": 1000.0 * sorted(times)[len(times) // 2]}), flush=True)
+    print("RESULT " + json.dumps({"median_ms": 1000.0 * sorted(times)[len(times) // 2], "steps": steps}), flush=True)
     return 0
+
+
+def paired_ms(a: list, b: list) -> dict[str, float]:
+    """What two TP shares' forwards, run at the same time in two processes (no MPI), would take together:
+    each forward of `a` is paired with the forward of `b` that started nearest to it (within half a forward);
+    "aligned": the median over pairs of the slower forward of the pair (ranks that meet once a token);
+    "synced": the median over pairs of the sum, between each all-reduce and the next, of the slower share's
+    time (ranks that wait for each other at every all-reduce, as they do; the sums' own time left out).
+    Nan without pairs.
+
+    a, b: [[start ns (time.monotonic_ns), [us between the forward's start, its all-reduces and its end]], ...]
+    """
+    import numpy as np
+    nan = {"aligned": float("nan"), "synced": float("nan")}
+    if not a or not b:
+        return nan
+    starts_b = np.array([s for s, _ in b], dtype=np.int64)
+    half = 1e3 * float(np.median([sum(iv) for _, iv in a])) / 2     # ns
+    aligned, synced = [], []
+    for start, iv in a:
+        j = int(np.abs(starts_b - start).argmin())
+        if abs(int(starts_b[j]) - start) <= half and len(b[j][1]) == len(iv):
+            aligned.append(max(sum(iv), sum(b[j][1])) / 1e3)
+            synced.append(float(np.maximum(iv, b[j][1]).sum()) / 1e3)
+    if not synced:
+        return nan
+    return {"aligned": float(np.median(aligned)), "synced": float(np.median(synced))}
 
 
 def _allreduce_job(args: argparse.Namespace) -> int:
@@ -268,21 +309,25 @@ def wait_quiet(limit: float, max_wait_s: float) -> float:
     return busy
 
 
-def shares_ceiling(model: Path, tokens: int, seconds: float = 6.0) -> float:
+def shares_ceiling(model: Path, tokens: int, seconds: float = 6.0) -> dict[str, float]:
     """What --tp 2 could give at most on this machine right now, with no MPI at all: the whole layers' forward
-    over `tokens` alone, against the slower of TP shares 0 and 1 run at the same time in two processes (each
-    its own half of every matrix and heads, as the ranks hold them). Two busy processes slow each other
-    (shared caches and memory, a busy host): this is the ceiling of the decode (tokens 1) or prefill ratio."""
+    over `tokens` alone (the mean of its median before and after), against TP shares 0 and 1 run at the same
+    time in two processes (each its own half of every matrix and heads, as the ranks hold them). "free":
+    against the slower share's median forward; "aligned" and "synced": against paired_ms, forwards run at the
+    same moment paired, once a token and at every all-reduce. Two busy processes slow each other (shared caches
+    and memory, a busy host), and on a shared host each core's speed moves on its own: "synced" is what that
+    leaves of the ceiling of the decode (tokens 1) or prefill ratio."""
     def cmd(share: str, start: float) -> list[str]:
         return [sys.executable, "-m", "core.tools.tp_bench", "--job", "layers", "--model", str(model),
                 "--prompt", str(tokens), "--share", share, "--seconds", str(seconds), "--start", str(start)]
-    whole = _run(cmd("whole", 0.0))["median_ms"]
+    before = _run(cmd("whole", 0.0))["median_ms"]
     start = time.time() + 5.0                                           # both loaded, then timed together
     jobs = [subprocess.Popen(cmd(share, start), stdout=subprocess.PIPE, text=True) for share in ("0", "1")]
     outs = [j.communicate()[0] for j in jobs]
-    shares = [json.loads(next(line for line in o.splitlines() if line.startswith("RESULT "))[7:])["median_ms"]
-              for o in outs]
-    return whole / max(shares)
+    shares = [json.loads(next(line for line in o.splitlines() if line.startswith("RESULT "))[7:]) for o in outs]
+    whole = (before + _run(cmd("whole", 0.0))["median_ms"]) / 2
+    paired = paired_ms(shares[0]["steps"], shares[1]["steps"])
+    return {"free": whole / max(s["median_ms"] for s in shares)} | {k: whole / v for k, v in paired.items()}
 
 
 SPIN_LOOP = "import time\nt=time.perf_counter()\nn=0\nfor i in range(4_000_000): n += i\nprint(time.perf_counter()-t)"
@@ -469,9 +514,13 @@ def report(out: dict, base: dict | None) -> str:
             lines.append(f"  {row['ranks']:>5} {row['compute_ms']:>11.1f} {row['allreduce_ms']:>14.2f} "
                          f"{row['other_ms']:>9.2f} {row['tok_s']:>8.1f} {row['dram_bound_tok_s']:>9.1f}")
     c = out["ceiling"]
-    lines.append(f"\nno MPI: the whole layers' forward alone against TP shares 0 and 1 both at once (the ceiling of "
-                 f"--tp 2 on this machine now):\n  decode (1 token) {c['decode']:.2f}x, prefill ({out['prompt']} "
-                 f"tokens) {c['prefill']:.2f}x")
+    lines.append("\nno MPI: the whole layers' forward alone against TP shares 0 and 1 both at once (the ceiling of "
+                 "--tp 2 on this machine now):")
+    for what, label in (("decode", "decode (1 token)"), ("prefill", f"prefill ({out['prompt']} tokens)")):
+        lines.append(f"  {label:<20} {c[what]['free']:.2f}x against the slower share's median, "
+                     f"{c[what]['aligned']:.2f}x aligned, {c[what]['synced']:.2f}x synced")
+    lines.append("aligned: the shares' forwards that ran at the same moment paired, the slower of each pair; synced: "
+                 "each step\nbetween two all-reduces taking the slower share's time, as waiting ranks do")
     la, cap = out["load_after"], out["core_capacity"]
     lines.append(f"\nCPU: {out['cpu']}; load average after: {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}; 2 busy processes got "
                  f"{cap[0]:.2f} cores' worth of work before the jobs and {cap[1]:.2f} after (2.00: two whole cores)")
