@@ -41,7 +41,7 @@ class RankStats:
     host: str
     layers: range
     compute_ms: float          # time in this rank's stage (embed, layers, output head)
-    wait_ms: float             # time spent waiting for peers
+    wait_ms: float             # time spent waiting for peers inside steps (not for the next control message)
     bytes_per_token: float     # activation bytes this rank sent, per evaluated token
     rss_bytes: int             # resident memory of the process
     n_past: int                # KV-cache fill

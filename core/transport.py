@@ -131,7 +131,7 @@ class Transport:
         self.size = comm.Get_size()
         self.host = socket.gethostname()
         self.peers: list[Peer] = [Peer(self.rank, self.host, os.getpid())]
-        self.wait_s = 0.0                    # time spent waiting on peers (for stats)
+        self.wait_s = 0.0                    # time spent waiting on peers inside steps (for stats)
         self.while_waiting: Callable[[], None] | None = None   # called on each poll of a wait (load progress)
         self._progress: list[tuple[np.ndarray, Any]] = []        # progress sends in flight (worker)
         self._frame = np.zeros(FRAME_LEN, dtype=np.int64)   # worker: the next control frame lands here
@@ -183,8 +183,9 @@ class Transport:
         if not req.Test():
             self._poll_until(req.Test)
 
-    def _poll_until(self, done: Callable[[], bool]) -> None:
-        """Sleep-poll until done() while watching for failures; counts the time as waiting."""
+    def _poll_until(self, done: Callable[[], bool], counted: bool = True) -> None:
+        """Sleep-poll until done() while watching for failures; counts the time as waiting unless `counted` is
+        False (a worker waiting for its next control message is idle, not waiting for a peer)."""
         t0 = time.monotonic()
         delay = POLL_MIN_S
         while True:
@@ -195,7 +196,8 @@ class Transport:
                 break
             time.sleep(delay)
             delay = next_poll_delay(delay, time.monotonic() - t0)
-        self.wait_s += time.monotonic() - t0
+        if counted:
+            self.wait_s += time.monotonic() - t0
 
     def _watch(self) -> None:
         if self.rank == 0:
@@ -238,7 +240,7 @@ class Transport:
     def recv_ctrl(self) -> tuple[Message, int]:
         """(worker) the next control message and its sequence number (Abort raises Aborted)."""
         if not self._stash:
-            self._poll_until(lambda: bool(self._stash))
+            self._poll_until(lambda: bool(self._stash), counted=False)   # idle: the head may wait for the user
         msg, seq = self._stash.pop(0)
         if isinstance(msg, Abort):
             raise Aborted(msg.rank)

@@ -104,7 +104,8 @@ def main() -> int:
                  ranks=np.array([len(s.layers) for s in stats]), rss=np.array([s.rss_bytes for s in stats]),
                  bytes_per_token=np.array([s.bytes_per_token for s in stats]),
                  n_past=np.array([s.n_past for s in stats]), hosts=np.array([s.host for s in stats]),
-                 compute_ms=np.array([s.compute_ms for s in stats]), tp=np.array([s.tp_index for s in stats]),
+                 compute_ms=np.array([s.compute_ms for s in stats]),
+                 wait_ms=np.array([s.wait_ms for s in stats]), tp=np.array([s.tp_index for s in stats]),
                  weight_bytes=np.array([s.weight_bytes for s in stats]), kv_bytes=np.array([s.kv_bytes for s in stats]),
                  **extra)
         print("tokens", " ".join(map(str, tokens)), flush=True)

@@ -109,6 +109,18 @@ def test_idle_workers_do_not_spin(tmp_path):
     assert max(used) <= 0.05, used
 
 
+@pytest.mark.parametrize("opts", [[], ["--tp", "2"]])
+def test_a_workers_wait_is_inside_steps_not_while_the_head_idles(tmp_path, opts):
+    """/stats' wait ms: the time a rank waits for its peers during steps. A worker waiting for the next control
+    message while the head waits for the user (here 2 s) is idle, not waiting: it used to count, so a worker's
+    wait per token grew with the user's pauses."""
+    out = tmp_path / "w.npz"
+    r = run(driver_cmd(out, 4, ["-m", model("stories260K"), *opts], n_ranks=2, extra=["--idle", "2"]))
+    assert r.returncode == 0, r.stderr
+    wait_ms = load(out)["wait_ms"]
+    assert len(wait_ms) == 2 and max(wait_ms) < 1000, wait_ms
+
+
 def test_a_wait_polls_fast_while_young_then_backs_off():
     """Sleeps double from 20 us, capped at 100 us for the first 50 ms (the next token or micro-batch is
     about to come), 2 ms until 1 s, 10 ms after (an idle worker)."""
