@@ -54,11 +54,12 @@ class TwoHosts:
         return ["ip", "netns", "exec", host, "unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"',
                 host, *argv]
 
-    def mpiexec(self, mpiexec: str, head: list[str], other: list[str]) -> list[str]:
-        """mpiexec started on the head's host, running `head` there as rank 0 and `other` as rank 1 on
-        the other host (through the ssh stand-in)."""
-        return self.on(self.head, [mpiexec, "-launcher", "ssh", "-launcher-exec", str(LAUNCHER),
-                                   "-f", str(self.hostfile), "-n", "1", *head, ":", "-n", "1", *other])
+    def mpiexec(self, mpiexec: str, head: list[str], other: list[str], per_host: int = 1) -> list[str]:
+        """mpiexec started on the head's host, running `head` there as ranks 0 .. per_host-1 and `other` as
+        the next `per_host` ranks on the other host (through the ssh stand-in)."""
+        hosts = ["-f", str(self.hostfile)] if per_host == 1 else ["-hosts", f"{self.head}:{per_host},{self.other}:{per_host}"]
+        return self.on(self.head, [mpiexec, "-launcher", "ssh", "-launcher-exec", str(LAUNCHER), *hosts,
+                                   "-n", str(per_host), *head, ":", "-n", str(per_host), *other])
 
     def link(self, host: str, up: bool) -> None:
         """Take `host`'s end of the link down (or up again), from inside its namespace."""

@@ -3,7 +3,8 @@ with UCX_TLS=tcp; root only): rank 0 on the first host, rank 1 on the other, eve
 TCP on the veth. These are the tests where MPI runs over a network (tests/test_two_hosts.py gives the
 second host a name of its own only, and UCX still takes shared memory there).
 
-Results equal one process's; a remote rank killed, stopped or cut off (its link taken down mid-generation,
+Results equal one process's (with --tp 2 also: a TP group across the link, and one group on each host);
+a remote rank killed, stopped or cut off (its link taken down mid-generation,
 or while the head waits for the user) is named by the head in one line within --rank-timeout + 5 s, the
 status is not 0, no process of the job is left, and the fixture leaves no namespace behind.
 """
@@ -97,6 +98,37 @@ def test_greedy_over_the_link_equals_one_process(netns, tmp_path, name):
     assert np.array_equal(got["logits"], logits)
     activations = got["bytes_per_token"][1] * (len(PROMPT) + 9)        # rank 1's hidden rows back to the head
     assert netns.tx_bytes(netns.other) - sent > activations > 0
+
+
+@pytest.mark.parametrize("per_host", [1, 2])
+def test_tp_over_the_link_equals_one_process(netns, tmp_path, per_host):
+    """--tp 2 with the link inside a TP group (rank 0 on one host, rank 1 on the other: the group sums with
+    MPI_Iallreduce over TCP, no shared window), and the 2-D layout of the README (-n 4 --tp 2, each host one
+    stage's group: the window inside each host, the layer split over the link). Greedy tokens as one
+    process's, logits within 1e-4 (each rank sums its share); the ranks' own traffic went over the veth."""
+    out = tmp_path / "t.npz"
+    opts = ["-m", model("stories260K"), "--tp", "2"]
+    sent = netns.tx_bytes(netns.other)
+    env, _ = tagged_env(tmp_path, **netns.env)
+    cmd = netns.mpiexec(mpiexec(), *[driver_cmd(out, 8, opts, extra=["--all-logits"])] * 2, per_host=per_host)
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=120, start_new_session=True)
+    assert r.returncode == 0, r.stderr
+    got = load(out)
+    pipe = start_cluster(parse_options(["-m", model("stories260K")]))
+    try:
+        tokens, logits, _ = generate(pipe, PROMPT, 8, True, 0)
+    finally:
+        pipe.close()
+    assert got["hosts"].tolist() == [netns.head] * per_host + [netns.other] * per_host
+    assert got["tp"].tolist() == [0, 1] * per_host
+    assert got["tokens"].tolist() == tokens
+    np.testing.assert_allclose(got["logits"], logits, atol=1e-4, rtol=0)
+    n_tokens = len(PROMPT) + 7
+    if per_host == 1:                                  # all that rank 1 sends: its all-reduces and its logits
+        least = got["bytes_per_token"][1] * n_tokens
+    else:                                              # stage 1's hidden rows back to the head (--all-logits)
+        least = n_tokens * pipe.config.n_embd * 4
+    assert netns.tx_bytes(netns.other) - sent > least > 0
 
 
 def _long_run(netns: TwoHosts, tmp_path):
