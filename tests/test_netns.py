@@ -131,9 +131,9 @@ def test_tp_over_the_link_equals_one_process(netns, tmp_path, per_host):
     assert netns.tx_bytes(netns.other) - sent > least > 0
 
 
-def _long_run(netns: TwoHosts, tmp_path):
+def _long_run(netns: TwoHosts, tmp_path, opts=()):
     out = tmp_path / "k.npz"
-    cmd = driver_cmd(out, 100000, ["-m", model("stories260K"), "-c", "64", "--rank-timeout", f"{T:g}"],
+    cmd = driver_cmd(out, 100000, ["-m", model("stories260K"), "-c", "64", "--rank-timeout", f"{T:g}", *opts],
                      extra=["--keep", "4"])
     proc, tag, lines = _job(netns, tmp_path, cmd)
     victim = rank_pid(str(out), 1)
@@ -185,6 +185,27 @@ def test_link_down_mid_generation_is_named_and_every_process_ends(netns, tmp_pat
         _ended(proc, tag, netns, GONE_S)
         assert [line for line in seen + _rest(lines) if line.strip()] == [
             f"error: rank 1 ({netns.other}, layers 3-4) {CUT_OFF}"]
+    finally:
+        kill_job(proc, tag)
+
+
+@pytest.mark.parametrize("how", ["link", "sigstop"])
+def test_a_tp_peer_cut_off_or_stopped_mid_generation_is_named(netns, tmp_path, how):
+    """--tp 2 across the link: the head waits for rank 1 inside every all-reduce. Its link goes down, or it
+    is stopped: the head names it (rank, host, layers, TP index) within the timeout, and every process ends."""
+    proc, tag, lines, victim = _long_run(netns, tmp_path, ["--tp", "2"])
+    try:
+        if how == "link":
+            netns.link(netns.other, up=False)
+        else:
+            os.kill(victim, signal.SIGSTOP)
+        t0 = time.monotonic()
+        seen = _lines_until(lines, "error:", T + 5)
+        assert time.monotonic() - t0 < T + 5
+        _ended(proc, tag, netns, GONE_S)
+        said = CUT_OFF if how == "link" else STOPPED
+        assert [line for line in seen + _rest(lines) if line.strip()] == [
+            f"error: rank 1 ({netns.other}, layers 0-4, TP 1/2) {said}"]
     finally:
         kill_job(proc, tag)
 
