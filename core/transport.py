@@ -53,6 +53,11 @@ def mpi():
     """Import and initialise MPI on first use (single-process runs never load it)."""
     global _MPI
     if _MPI is None:
+        # UCX's warnings go to stdout, into the chat: spawned workers over TCP print "object ... was not
+        # returned to mpool ucp_requests" at every exit (MPICH's spawn + disconnect, also with nothing
+        # else done). Errors still print; UCX_LOG_LEVEL=warn brings the warnings back. Set before MPI_Init
+        # (UCX reads it there), and spawned workers inherit it.
+        os.environ.setdefault("UCX_LOG_LEVEL", "error")
         import mpi4py
         mpi4py.rc.thread_level = "serialized"   # threads run numpy only; MPI calls come from one thread
         from mpi4py import MPI

@@ -259,6 +259,26 @@ def test_spawn_mode_over_the_link_names_a_stopped_worker(netns, tmp_path):
         kill_job(proc, tag)
 
 
+def test_spawn_mode_tp_groups_over_the_link_give_one_process_text(netns, tmp_path):
+    """`llama-mpi --np 4 --tp 2 --hostfile F` (F names the other host only): the head's TP peer is spawned on
+    the head's host, stage 1's group whole on the other host; greedy text as one process's."""
+    hostfile = tmp_path / "spawn-hosts"
+    hostfile.write_text(f"{netns.other}:2\n")
+    env, _ = tagged_env(tmp_path, **netns.env, HYDRA_LAUNCHER="ssh", HYDRA_LAUNCHER_EXEC=str(LAUNCHER))
+    args = ["-m", model("stories260K"), "-p", "Once upon a time", "-n", "24", "--temp", "0"]
+    r = subprocess.run(netns.on(netns.head, [sys.executable, "-m", "chat", "--np", "4", "--tp", "2", "--hostfile",
+                                             str(hostfile), *args]),
+                       capture_output=True, text=True, cwd=REPO, env=env, timeout=120, start_new_session=True)
+    assert r.returncode == 0, r.stderr
+    single = subprocess.run([sys.executable, "-m", "chat", *args], capture_output=True, text=True, cwd=REPO,
+                            timeout=60)
+    assert single.returncode == 0, single.stderr
+    assert r.stdout == single.stdout and len(r.stdout) > 40
+    plan = {int(line.split()[1]): line.split()[2] for line in r.stderr.splitlines()
+            if line.startswith("  rank ") and " TP " in line}
+    assert plan == {0: netns.head, 1: netns.head, 2: netns.other, 3: netns.other}
+
+
 def test_the_namespaces_are_removed_whatever_happens(tmp_path):
     """A failure inside, with a stopped process left in the other namespace: namespaces, veth, hosts files
     and the process are all gone afterwards."""
