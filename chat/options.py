@@ -14,7 +14,7 @@ import shlex
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from core.cluster import env_ubatch
+from core.cluster import env_ubatch, launch_mode
 from core.errors import UsageError
 from core.liveness import DEFAULT_RANK_TIMEOUT_S
 from core.partition import check_weights, parse_split
@@ -503,7 +503,9 @@ def parse_options(argv: list[str]) -> ChatOptions:
         ns = _parse(file_argv + [a for a in argv if a != path])
         ns.options_file = path
     check_environment()
-    return _to_options(ns, tuple(file_argv))
+    opts = _to_options(ns, tuple(file_argv))
+    launch_mode(opts.np)        # --np under mpiexec: raised here, where rank 0 alone reports it
+    return opts
 
 
 def check_environment() -> None:

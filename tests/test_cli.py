@@ -90,6 +90,17 @@ BAD_INPUT = [
 ]
 
 
+def test_np_under_mpiexec_is_one_line_from_rank_0(tmp_path):
+    """`mpiexec -n 2 llama-mpi --np 2`: every rank reads the same command line, rank 0 alone reports it
+    (each rank printed it once, from the launch, before)."""
+    env, tag = tagged_env(tmp_path)
+    r = run_chat(["-m", stories_or_skip(), "-p", "hi", "--np", "2"], env, mpiexec_n=2, timeout=60)
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert lines == ["error: --np starts its own workers: under mpiexec give the rank count to mpiexec -n"], r.stderr
+    assert_no_rank_left(tag)
+
+
 @pytest.mark.parametrize("launch", ["single", "spawn", "mpiexec"])
 @pytest.mark.parametrize("args, message, code", BAD_INPUT, ids=[b[1].split()[0] for b in BAD_INPUT])
 def test_bad_input_one_line_error_and_no_rank_left(tmp_path, launch, args, message, code):
