@@ -504,7 +504,11 @@ def parse_options(argv: list[str]) -> ChatOptions:
         ns.options_file = path
     check_environment()
     opts = _to_options(ns, tuple(file_argv))
-    launch_mode(opts.np)        # --np under mpiexec: raised here, where rank 0 alone reports it
+    mode = launch_mode(opts.np)        # --np under mpiexec: raised here, where rank 0 alone reports it
+    if opts.hostfile is not None and mode != "spawn":
+        raise UsageError("--hostfile places the workers --np N spawns: "
+                         + ("under mpiexec give the hostfile to mpiexec (-f FILE)" if mode == "mpiexec"
+                            else "without workers to place it would do nothing (add --np N)"))
     return opts
 
 

@@ -101,6 +101,22 @@ def test_np_under_mpiexec_is_one_line_from_rank_0(tmp_path):
     assert_no_rank_left(tag)
 
 
+@pytest.mark.parametrize("mpiexec_n, line", [
+    (None, "error: --hostfile places the workers --np N spawns: without workers to place it would do nothing "
+           "(add --np N)"),
+    (2, "error: --hostfile places the workers --np N spawns: under mpiexec give the hostfile to mpiexec (-f FILE)")])
+def test_hostfile_without_spawn_mode_is_one_line(tmp_path, mpiexec_n, line):
+    """--hostfile only places spawned workers: alone, or under mpiexec, it was silently ignored."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost\n")
+    env, tag = tagged_env(tmp_path)
+    r = run_chat(["-m", stories_or_skip(), "-p", "hi", "--hostfile", str(hosts)], env, mpiexec_n=mpiexec_n,
+                 timeout=60)
+    assert r.returncode != 0
+    assert [x for x in r.stderr.splitlines() if x.strip()] == [line], r.stderr
+    assert_no_rank_left(tag)
+
+
 @pytest.mark.parametrize("launch", ["single", "spawn", "mpiexec"])
 @pytest.mark.parametrize("args, message, code", BAD_INPUT, ids=[b[1].split()[0] for b in BAD_INPUT])
 def test_bad_input_one_line_error_and_no_rank_left(tmp_path, launch, args, message, code):
