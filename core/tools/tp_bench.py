@@ -145,7 +145,7 @@ def _layers_job(args: argparse.Namespace) -> int:
     """(one process, no MPI) median ms of the layers' forward over `--prompt` tokens for `--seconds` from the
     wall-clock time `--start`: the whole layers (`--share whole`) or TP share i of 2 (its all-reduces left out,
     each call's time kept: "steps" lists every forward's start, time.monotonic_ns(), and the us between its
-    all-reduces, for synced_ms)."""
+    all-reduces, for paired_ms)."""
     import numpy as np
 
     from ..cluster import limit_blas_threads
