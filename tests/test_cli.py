@@ -279,6 +279,23 @@ def test_demo_without_prompt_is_a_conversation(smollm2_model):
     assert "SmolLM2-135M-Instruct" in banner
 
 
+def test_demo_samples_as_its_model_card_unless_told(smollm2_model):
+    """The demo model's own sampling (its card: temperature 0.2, top-p 0.9), said in the banner; an option
+    given wins, and a model given with -m keeps llama.cpp's defaults."""
+    import chat.cli as cli
+    from chat.options import parse_options
+    opts, banner = cli.resolve_demo(parse_options([]))
+    assert (opts.temp, opts.top_p) == (0.2, 0.9)
+    assert banner.splitlines()[1] == ("demo sampling: --temp 0.2, --top-p 0.9, as its model card suggests "
+                                      "(give the option to change it)")
+    opts, banner = cli.resolve_demo(parse_options(["--temp", "0.8"]))
+    assert (opts.temp, opts.top_p) == (0.8, 0.9) and "--temp" not in banner and "--top-p 0.9" in banner
+    opts, banner = cli.resolve_demo(parse_options(["--top-p", "0.95", "--temp", "0.8"]))
+    assert (opts.temp, opts.top_p) == (0.8, 0.95) and len(banner.splitlines()) == 1
+    opts, banner = cli.resolve_demo(parse_options(["-m", str(smollm2_model)]))
+    assert (opts.temp, opts.top_p) == (0.8, 0.95) and banner is None
+
+
 def test_no_model_and_no_demo_wheel_says_how_to_get_one(monkeypatch, capsys):
     import chat.cli as cli
     monkeypatch.setattr(cli, "demo_model_path", lambda: None)
