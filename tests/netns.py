@@ -57,7 +57,8 @@ class TwoHosts:
     def mpiexec(self, mpiexec: str, head: list[str], other: list[str], per_host: int = 1) -> list[str]:
         """mpiexec started on the head's host, running `head` there as ranks 0 .. per_host-1 and `other` as
         the next `per_host` ranks on the other host (through the ssh stand-in)."""
-        hosts = ["-f", str(self.hostfile)] if per_host == 1 else ["-hosts", f"{self.head}:{per_host},{self.other}:{per_host}"]
+        hosts = (["-f", str(self.hostfile)] if per_host == 1
+                 else ["-hosts", f"{self.head}:{per_host},{self.other}:{per_host}"])
         return self.on(self.head, [mpiexec, "-launcher", "ssh", "-launcher-exec", str(LAUNCHER), *hosts,
                                    "-n", str(per_host), *head, ":", "-n", str(per_host), *other])
 
