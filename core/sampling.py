@@ -162,23 +162,42 @@ def apply_penalties(logits: np.ndarray, last_tokens: np.ndarray, repeat: float, 
     times in `last_tokens` gets logit / repeat (logit > 0) or logit * repeat (logit <= 0), then
     - c * frequency - presence. Only the seen tokens are touched (a chat token over SmolLM2's 49152 ids:
     2.2 ms when every id was, measured), and nothing when the penalties are neutral, as in llama.cpp."""
-    out = logits.copy()
+    return penalise(logits.copy(), last_tokens, repeat, frequency, presence)
+
+
+def penalise(logits: np.ndarray, last_tokens: np.ndarray, repeat: float, frequency: float,
+             presence: float) -> np.ndarray:
+    """apply_penalties in place (returns `logits`)."""
     if len(last_tokens) == 0 or (repeat == 1.0 and frequency == 0.0 and presence == 0.0):
-        return out
+        return logits
     seen, counts = np.unique(last_tokens, return_counts=True)        # (u,), (u,)
-    val = out[seen]                                                   # (u,)
-    out[seen] = np.where(val <= 0, val * repeat, val / repeat) - counts * frequency - presence
-    return out
+    val = logits[seen]                                                # (u,)
+    logits[seen] = np.where(val <= 0, val * repeat, val / repeat) - counts * frequency - presence
+    return logits
+
+
+TOP_K_STRIDE = 64  # apply_top_k's sample: every 64th logit (SmolLM2's 49152: 768 of them)
 
 
 def apply_top_k(ids: np.ndarray, logits: np.ndarray, k: int, min_keep: int = 1):
-    """Keep the k largest logits, sorted (llama_sample_top_k); k <= 0 keeps all (common's rule)."""
+    """Keep the k largest logits, sorted (llama_sample_top_k); k <= 0 keeps all (common's rule).
+
+    Preselection in O(n): the k-th largest of a strided sample is at most the k-th largest of all, so the
+    logits at or above it hold every survivor; the exact k-th largest of those, then everything tied
+    with it, then an exact sort: the same survivors as partitioning all n logits, which took 0.46 ms of
+    the 0.91 ms a SmolLM2 chat token's sampling took (2-core AMD EPYC; 0.12 ms with `_penalised`'s buffer)."""
     n = len(ids)
     k = n if k <= 0 else min(max(k, min_keep), n)
-    if k < n:  # O(n) preselection: everything tied with the k-th largest, then an exact sort
-        kth = np.partition(logits, n - k)[n - k]
-        pre = np.flatnonzero(logits >= kth)
-        ids, logits = ids[pre], logits[pre]
+    if k < n:
+        sample = logits[::TOP_K_STRIDE]
+        if k < len(sample):                                          # a floor under the k-th largest
+            floor = np.partition(sample, len(sample) - k)[len(sample) - k]
+            pre = np.flatnonzero(logits >= floor)
+            ids, logits = ids[pre], logits[pre]
+        if k < len(ids):
+            kth = np.partition(logits, len(ids) - k)[len(ids) - k]
+            pre = np.flatnonzero(logits >= kth)                      # the k largest and their ties
+            ids, logits = ids[pre], logits[pre]
     ids, logits = sort_desc(ids, logits)
     return ids[:k], logits[:k]
 
@@ -354,6 +373,7 @@ class Sampler:
         self.penalty_last_n: int | None = last_n   # None: unbounded (since reset)
         self._history: deque[int] = deque(maxlen=None if last_n is None else max(last_n, N_PREV))
         self._ids = np.arange(self.n_vocab, dtype=np.int64)
+        self._buf = np.empty(self.n_vocab, dtype=np.float64)           # see _penalised
         self._rng = np.random.default_rng(self.seed)
         self.mu = 2.0 * params.mirostat_tau
 
@@ -371,17 +391,26 @@ class Sampler:
         return list(self._history)[-n:] if n > 0 else []
 
     def penalised_logits(self, logits: np.ndarray) -> np.ndarray:
-        """Logit bias then the penalties, over the whole vocabulary (id order), as float64."""
+        """Logit bias then the penalties, over the whole vocabulary (id order), as float64 (a new array)."""
+        return self._penalised(logits).copy()
+
+    def _penalised(self, logits: np.ndarray) -> np.ndarray:
+        """penalised_logits in this sampler's own buffer, valid until the next call. A fresh (n_vocab,) f64
+        array per token cost ~0.1 ms each in page faults over SmolLM2's 49152 ids (measured)."""
         p = self.params
         if logits.shape != (self.n_vocab,):
             raise ValueError(f"sampler expects logits of shape ({self.n_vocab},), got {logits.shape}")
-        biased = apply_logit_bias(logits.astype(np.float64), p.logit_bias)   # (n_vocab,)
+        out = self._buf
+        np.copyto(out, logits)                                           # (n_vocab,) f64
+        if p.logit_bias:
+            out[:] = apply_logit_bias(out, p.logit_bias)
         last_n = len(self._history) if self.penalty_last_n is None else self.penalty_last_n
         window = np.fromiter(self.last_tokens(last_n), dtype=np.int64)
-        out = apply_penalties(biased, window, p.repeat_penalty,
-                              p.frequency_penalty, p.presence_penalty)
-        if not p.penalize_nl and self.nl_id is not None and len(window):
-            out[self.nl_id] = biased[self.nl_id]   # restore the (biased) newline logit
+        keep_nl = not p.penalize_nl and self.nl_id is not None and len(window)
+        nl = out[self.nl_id] if keep_nl else None
+        penalise(out, window, p.repeat_penalty, p.frequency_penalty, p.presence_penalty)
+        if keep_nl:
+            out[self.nl_id] = nl                   # restore the (biased) newline logit
         return out
 
     def sample(self, logits: np.ndarray) -> int:
@@ -392,7 +421,7 @@ class Sampler:
         top-k -> tail-free -> typical -> top-p -> min-p -> temperature -> draw.
         """
         p = self.params
-        cur = self.penalised_logits(logits)                               # (n_vocab,)
+        cur = self._penalised(logits)                                     # (n_vocab,), our buffer
         if p.temp <= 0.0:
             return greedy(cur)
         if p.mirostat == 1:

@@ -176,6 +176,28 @@ def test_top_k_sorted_with_ties_by_lowest_id():
     assert survivors(apply_top_k(ids, logits, 1, min_keep=2)) == [1, 2]
 
 
+
+@pytest.mark.parametrize("n", [49152, 1000, 64 * 40 + 3])
+def test_top_k_over_a_vocabulary_equals_a_full_sort(n):
+    """The strided-sample preselection keeps exactly what sorting every logit keeps: a full lexsort
+    (logit descending, then id) and its first k, with ties at the cut, -inf bans and k near n."""
+    rng = np.random.default_rng(n)
+    for trial in range(30):
+        logits = rng.integers(-20, 20, size=n).astype(np.float64)        # many ties
+        if trial % 3 == 1:
+            logits = rng.standard_normal(n) * 4
+        if trial % 5 == 2:
+            logits[rng.choice(n, size=n // 2, replace=False)] = -np.inf
+        if trial % 7 == 3:
+            logits[::64] = -50.0                                          # the sample sees only the worst
+        ids = np.arange(n)
+        for k in (1, 40, 64, n // 64 + 1, n - 1, n):
+            order = np.lexsort((ids, -logits))[:k]
+            got_ids, got_logits = apply_top_k(ids, logits, k)
+            assert got_ids.tolist() == order.tolist(), (trial, k)
+            assert np.array_equal(got_logits, logits[order])
+
+
 def test_tail_free_by_second_derivative():
     # p = [.35, .30, .20, .10, .05] (given to ids 4,2,0,3,1 to check the sort)
     # d1 = [.05, .10, .10, .05]; d2 = [-.05, 0, .05] -> |d2| / sum = [.5, 0, .5]; cum = [.5, .5, 1]
