@@ -70,7 +70,7 @@ def test_rope_overrides_reach_every_rank(tmp_path):
     assert_no_rank_left(tag)
 
 def test_spawn_mode_without_the_venv_on_path(tmp_path):
-    # `.venv/bin/llama-mpi --np 2` (the README's first command) runs with the venv not activated: the
+    # `.venv/bin/llama-mpi --np 2` (how the README's first command starts) runs with the venv not activated: the
     # mpich wheel's mpiexec, which a singleton's Spawn needs, is then not on PATH.
     model = stories_or_skip()
     env, tag = tagged_env(tmp_path, PATH="/usr/bin:/bin")

@@ -197,9 +197,10 @@ def test_script_in_a_terminal_transcript_identical_on_1_and_3_ranks(tmp_path):
 
 def test_readme_first_command_demo_chat_on_two_ranks(tmp_path, smollm2_model):
     env, tag = tagged_env(tmp_path)
-    child = spawn(["--np", "2", "-cnv", "--temp", "0"], env)  # README: no model -> the demo model, a conversation
-    before = wait_for_prompt(child, timeout=90)
-    assert f"demo model: {smollm2_model.name}" in before and "plan: spawn, 2 ranks" in before
+    child = spawn(["--np", "2", "--tp", "2", "-cnv", "--temp", "0"], env)  # README: no model -> the demo model,
+    before = wait_for_prompt(child, timeout=90)                                 # a conversation, one TP group
+    assert f"demo model: {smollm2_model.name}" in before
+    assert "plan: spawn, 2 ranks, 30 layers, n_ctx 512, 1 stage(s) of --tp 2" in before
     child.send("What is the capital of France?\r")
     reply = wait_for_prompt(child, timeout=180)            # a reply (the demo bounds it), then asks again
     assert "Paris" in reply
