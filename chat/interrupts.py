@@ -41,8 +41,16 @@ class CtrlCWatcher:
         self.fd = fd
         self.typed = typed
         self._saved = termios.tcgetattr(fd)
-        self.active = False
-        self._left_raw = False      # paused for a raw-mode reader: the terminal still in generation mode
+        # what the terminal holds: "user" (the user's attributes), "generating" (ours: keys read here),
+        # "left-raw" (generation's attributes left for a raw-mode reader) or "line" (a line reader's: the
+        # user's, less signals)
+        self.mode = "user"
+        self._held = 0              # Ctrl-C presses read by resume(), for the next poll()
+
+    @property
+    def active(self) -> bool:
+        """Keys are read here (the model generates)."""
+        return self.mode == "generating"
 
     def _user_attrs(self) -> list:
         """A copy of the attributes the user had (its control characters a list of their own)."""
@@ -51,19 +59,25 @@ class CtrlCWatcher:
     def resume(self) -> None:
         """Generation starts: no signals, no echo, no line buffering."""
         import termios
-        if self.active:
+        if self.mode == "generating":
             return
-        if not self._left_raw:                  # (after a raw-mode reader: the terminal as the user had it
-            self._saved = termios.tcgetattr(self.fd)   # is still the one saved before it)
-        self._left_raw = False
+        if self.mode == "user":                 # (otherwise the terminal holds our attributes, not the
+            self._saved = termios.tcgetattr(self.fd)   # user's: those saved before stay the user's)
         attrs = self._user_attrs()
         attrs[3] &= ~(termios.ISIG | termios.ICANON | termios.ECHO)
         attrs[6][termios.VMIN], attrs[6][termios.VTIME] = 0, 0
         termios.tcsetattr(self.fd, termios.TCSANOW, attrs)
-        self.active = True
+        if self.mode == "line" and select.select([self.fd], [], [], 0)[0]:
+            # what the line reader's canonical mode took in after its turn (a Ctrl-D typed or pasted right
+            # after Enter; the kernel may also take in keys a while after they were typed): Linux keeps an
+            # end of file there as a NUL byte, which leaving canonical mode hands over as it is (`typed`
+            # would drop it, and the chat sat at its next prompt)
+            self._held += self.typed.feed(os.read(self.fd, 65536).replace(b"\0", b"\x04"))
+        self.mode = "generating"
 
-    def pause(self, line_reader: bool = False, raw_reader: bool = False) -> None:
-        """Back to the terminal as it was (before reading a turn, and at exit).
+    def pause(self, line_reader: bool = False, raw_reader: bool = False) -> int:
+        """Back to the terminal as it was (before reading a turn, and at exit); returns the Ctrl-C presses
+        among keys typed just before the switch (line_reader only, else 0).
 
         line_reader: a plain line reader follows; keep signals off but let Ctrl-C end the line (VEOL),
             so that it still never reaches the process manager.
@@ -72,26 +86,34 @@ class CtrlCWatcher:
             between stay in the input queue as typed. Back in canonical mode for those milliseconds, the
             terminal would echo them under the prompt and turn a Ctrl-D on an empty line into an end of
             file that a raw-mode reader never sees (the chat then sat at its prompt).
+        A line reader gets the keys that reached the terminal between the last poll() and the switch in
+        `typed`: Linux hands bytes queued in non-canonical mode to the next read() as they are, so a Ctrl-D
+        typed then arrived as a literal "\x04", not as an end of file, and the chat sat at its prompt.
         """
         import termios
         if raw_reader:
-            if self.active:
-                self.active, self._left_raw = False, True
-            return
-        if not (self.active or self._left_raw):
-            return
-        self.active = self._left_raw = False
+            if self.mode == "generating":
+                self.mode = "left-raw"
+            return 0
+        target = "line" if line_reader else "user"
+        if self.mode in ("user", target):
+            return 0
         attrs = self._user_attrs()
         if line_reader:
             attrs[3] &= ~termios.ISIG
             attrs[6][termios.VEOL] = b"\x03"
         termios.tcsetattr(self.fd, termios.TCSANOW, attrs)
+        self.mode = target
+        if not line_reader or not select.select([self.fd], [], [], 0)[0]:
+            return 0
+        data = os.read(self.fd, 65536)          # the bytes queued before the switch, in one piece
+        return self.typed.feed(data or b"\x04")  # (b"": a Ctrl-D typed after it, on an empty line)
 
     def poll(self) -> int:
         """Ctrl-C presses typed since the last poll; the other keys go to `typed`."""
         if not self.active:
             return 0
-        presses = 0
+        presses, self._held = self._held, 0
         while select.select([self.fd], [], [], 0)[0]:
             data = os.read(self.fd, 1024)
             if not data:
@@ -246,11 +268,10 @@ class ChatCtrlC:
         the prompt, as it would have been had it stayed in the terminal.
         """
         self.presses = 0
-        if self.keys is not None and self.keys.poll():
+        if self.keys is not None and (self.keys.poll() or
+                                      self.keys.pause(line_reader=self.line_reader, raw_reader=self.raw_reader)):
             raise KeyboardInterrupt
         self.at_prompt = True
-        if self.keys is not None:
-            self.keys.pause(line_reader=self.line_reader, raw_reader=self.raw_reader)
         try:
             yield
         finally:
