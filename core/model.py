@@ -16,7 +16,7 @@ from gguf import GGMLQuantizationType as QT
 from .errors import TokenizerError
 from .kv_cache import KVCache
 from .loader import ModelFile
-from .ops import attention, rmsnorm, rope, rope_angles, swiglu
+from .ops import attention, rmsnorm, rope_angles, rope_apply, rope_tables, swiglu
 from .quants import QTensor, TilePool, dequantize, make_qtensor
 from .shard import Allreduce, MappedEmbedding, TPShard, slice_tensor
 
@@ -63,6 +63,12 @@ class RowStack:
     @property
     def nbytes(self) -> int:
         return sum(q.nbytes for q in self.parts)
+
+    def matmul_joined(self, x: np.ndarray, pool=None) -> np.ndarray:
+        """x (T, n_in) -> (T, sum of n_out): the matrices' products side by side, in one array."""
+        if len(self.parts) == 1:
+            return self.parts[0].matmul(x, pool)
+        return np.concatenate([q.matmul(x, pool) for q in self.parts], axis=1)
 
     def matmul(self, x: np.ndarray, pool=None) -> list[np.ndarray]:
         """x (T, n_in) -> each matrix's (T, n_out_i) product (views of one array when stacked)."""
@@ -265,23 +271,23 @@ class Stage:
         h = np.array(h, dtype=np.float32, copy=True).reshape(-1, c.n_embd)   # (T, n_embd)
         T = h.shape[0]
         self.cache.check_room(pos, T)
-        cos, sin = rope_angles(np.arange(pos, pos + T), c.n_rot, c.rope_freq_base, c.rope_freq_scale,
-                               self.freq_factors)                        # (T, n_rot/2) each
+        rot = rope_tables(*rope_angles(np.arange(pos, pos + T), c.n_rot, c.rope_freq_base, c.rope_freq_scale,
+                                       self.freq_factors))               # (T, 1, n_rot/2, 2) each
         for li, b in enumerate(self.blocks):
-            h = self._layer(li, b, h, pos, cos, sin)
+            h = self._layer(li, b, h, pos, rot)
         self.cache.advance(T)
         return h
 
-    def _layer(self, li: int, b: Block, h: np.ndarray, pos: int, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    def _layer(self, li: int, b: Block, h: np.ndarray, pos: int, rot: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         """One LLaMA block: pre-norm attention with RoPE and GQA, then pre-norm SwiGLU FFN, both residual."""
         c, pool, sh = self.config, self._pool, self.shard
-        T = h.shape[0]
+        T, hd = h.shape[0], c.head_dim
         n_q, n_kv = (c.n_head, c.n_head_kv) if sh is None else (len(sh.heads), len(sh.kv_heads))
         x = rmsnorm(h, b.attn_norm, c.norm_eps)                          # (T, n_embd)
-        q, k, v = b.attn_qkv.matmul(x, pool)                             # (T, n_head * head_dim), (T, n_kv * ..)
-        q = rope(q.reshape(T, n_q, c.head_dim), cos, sin)                # (T, n_head, head_dim)
-        k = rope(k.reshape(T, n_kv, c.head_dim), cos, sin)               # (T, n_head_kv, head_dim)
-        v = v.reshape(T, n_kv, c.head_dim)
+        qkv = b.attn_qkv.matmul_joined(x, pool)                          # (T, (n_head + 2 n_head_kv) * head_dim)
+        qk = rope_apply(qkv[:, :(n_q + n_kv) * hd].reshape(T, n_q + n_kv, hd), *rot)   # q and k in one
+        q, k = qk[:, :n_q], qk[:, n_q:]                                  # (T, n_head, hd), (T, n_head_kv, hd)
+        v = qkv[:, (n_q + n_kv) * hd:].reshape(T, n_kv, hd)
         keys, values = self.cache.store(li, pos, k, v)                   # (n_head_kv, pos+T, head_dim) each
         if sh is None:
             a = attention(q, keys, values, pos)                          # (T, n_head * head_dim)

@@ -44,6 +44,32 @@ def rope_angles(positions: np.ndarray, n_rot: int, freq_base: float, freq_scale:
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
+def rope_tables(cos: np.ndarray, sin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """rope_angles' cos and sin (T, n_rot // 2) as the two factors rope_apply multiplies by, each
+    (T, 1, n_rot // 2, 2) f32: C = (c_i, c_i) and S = (-s_i, s_i) for pair i."""
+    C = np.repeat(np.asarray(cos, dtype=np.float32)[:, None, :, None], 2, axis=-1)
+    S = np.stack([-np.asarray(sin, dtype=np.float32), np.asarray(sin, dtype=np.float32)], axis=-1)[:, None]
+    return C, S
+
+
+def rope_apply(x: np.ndarray, C: np.ndarray, S: np.ndarray) -> np.ndarray:
+    """rope() with rope_tables' factors: x (T, n_heads, head_dim) -> a new (T, n_heads, head_dim) array.
+
+    Pair (x0, x1) becomes (x0*c + x1*(-s), x1*c + x0*s): the same float32 roundings as ggml's
+    (x0*c - x1*s, x0*s + x1*c), since x1*(-s) = -(x1*s), a + (-b) = a - b and addition commutes; three
+    numpy calls for any number of heads (q and k of a layer at once), where rotating each half took ten."""
+    T, H, D = x.shape
+    n_rot = 2 * C.shape[-2]
+    x4 = x[..., :n_rot].reshape(T, H, n_rot // 2, 2)                    # (T, H, pairs, 2)
+    out = np.empty((T, H, D), dtype=np.float32)
+    o4 = out[..., :n_rot].reshape(T, H, n_rot // 2, 2) if n_rot < D else out.reshape(T, H, n_rot // 2, 2)
+    np.multiply(x4, C, out=o4)
+    o4 += x4[..., ::-1] * S                                              # (x1, x0) * (-s, s)
+    if n_rot < D:
+        out[..., n_rot:] = x[..., n_rot:]                                # dims past n_rot pass through
+    return out
+
+
 def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """Rotate adjacent pairs (x[2i], x[2i+1]) of the first n_rot dims of every head (GGUF "normal" RoPE).
 
@@ -53,15 +79,7 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     Returns:
         (T, n_heads, head_dim) float32, a new array.
     """
-    n_rot = 2 * cos.shape[-1]
-    out = np.array(x, dtype=np.float32, copy=True)                      # (T, H, D)
-    x0 = x[..., 0:n_rot:2]                                               # (T, H, n_rot/2)
-    x1 = x[..., 1:n_rot:2]
-    c = cos[:, None, :]                                                  # (T, 1, n_rot/2)
-    s = sin[:, None, :]
-    out[..., 0:n_rot:2] = x0 * c - x1 * s
-    out[..., 1:n_rot:2] = x0 * s + x1 * c
-    return out
+    return rope_apply(np.asarray(x, dtype=np.float32), *rope_tables(cos, sin))
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:

@@ -184,3 +184,22 @@ def test_kv_shift_rerotates_moved_keys_like_fresh_positions():
         np.testing.assert_array_equal(cache.v[layer][:, :6], v[keep].transpose(1, 0, 2))
     with pytest.raises(ValueError):
         cache.shift(4, 3, 8, 10000.0, 1.0)
+
+
+def test_rope_apply_rounds_as_ggml_pair_by_pair():
+    """rope_apply's three calls (x * C + swapped x * S) give ggml's (x0*c - x1*s, x0*s + x1*c) bit for bit,
+    signed zeros included, for q and k rotated together and with dims past n_rot passed through."""
+    from core.ops import rope_apply, rope_tables
+    rng = np.random.default_rng(7)
+    for n_rot, head_dim in ((64, 64), (32, 64), (128, 128)):
+        x = (rng.standard_normal((3, 7, head_dim)) * 20).astype(np.float32)
+        x[0, :, ::3] = -0.0
+        cos, sin = rope_angles(np.array([0, 5, 4097]), n_rot, 10000.0)   # position 0: sin is +0
+        x0, x1 = x[..., 0:n_rot:2], x[..., 1:n_rot:2]
+        c, s = cos[:, None, :], sin[:, None, :]
+        want = x.copy()
+        want[..., 0:n_rot:2] = x0 * c - x1 * s                             # each product and sum in f32
+        want[..., 1:n_rot:2] = x0 * s + x1 * c
+        got = rope_apply(x, *rope_tables(cos, sin))
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+        np.testing.assert_array_equal(rope(x, cos, sin).view(np.uint32), want.view(np.uint32))
