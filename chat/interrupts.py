@@ -67,13 +67,20 @@ class CtrlCWatcher:
         attrs[3] &= ~(termios.ISIG | termios.ICANON | termios.ECHO)
         attrs[6][termios.VMIN], attrs[6][termios.VTIME] = 0, 0
         termios.tcsetattr(self.fd, termios.TCSANOW, attrs)
-        if self.mode == "line" and select.select([self.fd], [], [], 0)[0]:
+        if self.mode == "line":
             # what the line reader's canonical mode took in after its turn (a Ctrl-D typed or pasted right
             # after Enter; the kernel may also take in keys a while after they were typed): Linux keeps an
             # end of file there as a NUL byte, which leaving canonical mode hands over as it is (`typed`
             # would drop it, and the chat sat at its next prompt)
-            self._held += self.typed.feed(os.read(self.fd, 65536).replace(b"\0", b"\x04"))
+            self._held += self._take_queued(lambda data: data.replace(b"\0", b"\x04"))
         self.mode = "generating"
+
+    def _take_queued(self, keys) -> int:
+        """Right after a mode switch: the bytes the terminal queued before it, as `keys(bytes)` says they were
+        typed, into `typed`; their Ctrl-C presses."""
+        if not select.select([self.fd], [], [], 0)[0]:
+            return 0
+        return self.typed.feed(keys(os.read(self.fd, 65536)))   # (all of them in one read)
 
     def pause(self, line_reader: bool = False, raw_reader: bool = False) -> int:
         """Back to the terminal as it was (before reading a turn, and at exit); returns the Ctrl-C presses
@@ -104,10 +111,9 @@ class CtrlCWatcher:
             attrs[6][termios.VEOL] = b"\x03"
         termios.tcsetattr(self.fd, termios.TCSANOW, attrs)
         self.mode = target
-        if not line_reader or not select.select([self.fd], [], [], 0)[0]:
+        if not line_reader:
             return 0
-        data = os.read(self.fd, 65536)          # the bytes queued before the switch, in one piece
-        return self.typed.feed(data or b"\x04")  # (b"": a Ctrl-D typed after it, on an empty line)
+        return self._take_queued(lambda data: data or b"\x04")   # (b"": a Ctrl-D typed after the switch)
 
     def poll(self) -> int:
         """Ctrl-C presses typed since the last poll; the other keys go to `typed`."""

@@ -47,9 +47,9 @@ def rope_angles(positions: np.ndarray, n_rot: int, freq_base: float, freq_scale:
 def rope_tables(cos: np.ndarray, sin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """rope_angles' cos and sin (T, n_rot // 2) as the two factors rope_apply multiplies by, each
     (T, 1, n_rot // 2, 2) f32: C = (c_i, c_i) and S = (-s_i, s_i) for pair i."""
+    s = np.asarray(sin, dtype=np.float32)
     C = np.repeat(np.asarray(cos, dtype=np.float32)[:, None, :, None], 2, axis=-1)
-    S = np.stack([-np.asarray(sin, dtype=np.float32), np.asarray(sin, dtype=np.float32)], axis=-1)[:, None]
-    return C, S
+    return C, np.stack([-s, s], axis=-1)[:, None]
 
 
 def rope_apply(x: np.ndarray, C: np.ndarray, S: np.ndarray) -> np.ndarray:
@@ -62,7 +62,7 @@ def rope_apply(x: np.ndarray, C: np.ndarray, S: np.ndarray) -> np.ndarray:
     n_rot = 2 * C.shape[-2]
     x4 = x[..., :n_rot].reshape(T, H, n_rot // 2, 2)                    # (T, H, pairs, 2)
     out = np.empty((T, H, D), dtype=np.float32)
-    o4 = out[..., :n_rot].reshape(T, H, n_rot // 2, 2) if n_rot < D else out.reshape(T, H, n_rot // 2, 2)
+    o4 = out[..., :n_rot].reshape(T, H, n_rot // 2, 2)                  # a view of out (pairs split off)
     np.multiply(x4, C, out=o4)
     o4 += x4[..., ::-1] * S                                              # (x1, x0) * (-s, s)
     if n_rot < D:
