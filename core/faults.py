@@ -92,8 +92,8 @@ class _HeadTransport(_Wrapper):
 
 
 class _WorkerTransport(_Wrapper):
-    def recv_ctrl(self) -> tuple[Message, int]:
-        msg, seq = self._inner.recv_ctrl()
+    def recv_ctrl(self, hot: bool = False) -> tuple[Message, int]:
+        msg, seq = self._inner.recv_ctrl(hot)
         if self._fault.count(msg):
             self._fault.forwards_left = min(1, len(msg.micro_batches()) - 1) + 1
         return msg, seq
