@@ -432,6 +432,7 @@ def serve_worker(transport: Any, stage: Stage, tp: TPContext | None = None) -> i
     """
     meter, buf = _Meter(), np.empty((stage.n_ctx, stage.config.n_embd), dtype=np.float32)
     expected, hot = 1, False
+    in_group = tp is not None and tp.group is not None               # its head starts each token at once
     try:
         while True:
             msg, seq = transport.recv_ctrl(hot)
@@ -443,7 +444,7 @@ def serve_worker(transport: Any, stage: Stage, tp: TPContext | None = None) -> i
                 if msg.pos != stage.n_past:
                     raise RuntimeError(f"evaluation at position {msg.pos} but this rank holds {stage.n_past}")
                 rows = run_step(transport, stage, msg, meter, buf, tp=tp)
-                hot = tp is not None and tp.group is not None   # the head starts the next token at once
+                hot = in_group
                 if tp is not None and tp.computes_logits:
                     group_logits(tp, stage, rows, msg.n_tokens if msg.all_rows else 1, meter)
             elif isinstance(msg, Stats):

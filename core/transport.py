@@ -50,6 +50,17 @@ def next_poll_delay(delay: float, age: float) -> float:
     return min(2 * delay, cap)
 
 
+def spin(done: Callable[[], bool], seconds: float) -> bool:
+    """Test done() between sched_yield calls (a peer on the same core gets it) for up to `seconds`: whether it
+    came true. For waits that end within a millisecond, where a sleep would oversleep them."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        os.sched_yield()
+        if done():
+            return True
+    return False
+
+
 def mpi():
     """Import and initialise MPI on first use (single-process runs never load it)."""
     global _MPI
@@ -250,11 +261,11 @@ class Transport:
         whose head starts computing as soon as it has sent the step): spin for CTRL_SPIN_S first, testing
         and calling sched_yield, as Group.wait does. A sleep-poll woke such a worker ~170 us late for every
         SmolLM2 --tp 2 token, a delay the head then waited for at its first all-reduce."""
-        if not self._stash and hot:
-            t0 = time.monotonic()
-            while not self._stash and time.monotonic() - t0 < CTRL_SPIN_S:
-                os.sched_yield()
-                self._check_ctrl_for_abort()
+        def arrived() -> bool:
+            self._check_ctrl_for_abort()
+            return bool(self._stash)
+        if hot and not self._stash:
+            spin(arrived, CTRL_SPIN_S)
         if not self._stash:
             self._poll_until(lambda: bool(self._stash), counted=False)   # idle: the head may wait for the user
         msg, seq = self._stash.pop(0)
@@ -661,13 +672,10 @@ class Group:
 
     def _spin_until(self, done: Callable[[], bool]) -> None:
         t0 = time.monotonic()
-        while time.monotonic() - t0 < GROUP_SPIN_S:
-            os.sched_yield()
-            if done():
-                self.owner.wait_s += time.monotonic() - t0
-                return
+        arrived = spin(done, GROUP_SPIN_S)
         self.owner.wait_s += time.monotonic() - t0
-        self.owner._poll_until(done)
+        if not arrived:
+            self.owner._poll_until(done)
 
     def isend(self, arr: np.ndarray, dest: int, tag: int = TAG_GROUP_DATA) -> Any:
         """Start sending a contiguous float32 array to group rank `dest` (keep it alive until waited)."""
