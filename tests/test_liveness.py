@@ -225,9 +225,9 @@ def _long_run(tmp_path, *, n_ranks: int, spawn: bool = False, opts: tuple[str, .
     return proc, tag, _collect(proc)
 
 
-def wait_beating(pid: int, timeout: float = 30) -> None:
+def wait_beating(pid: int, timeout: float = 30, said=None) -> None:
     """Wait until process `pid` holds a UDP socket: its liveness beats run (the job is past MPI's own
-    start-up, which no beat covers)."""
+    start-up, which no beat covers). `said`: called on failure for what the job printed meanwhile."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -239,7 +239,8 @@ def wait_beating(pid: int, timeout: float = 30) -> None:
         if any(f"socket:[{inode}]" in fds for inode in inodes):
             return
         time.sleep(0.05)
-    pytest.fail(f"process {pid} never started beating")
+    state = "still running" if os.path.exists(f"/proc/{pid}") else "gone"
+    pytest.fail(f"process {pid} never started beating ({state})" + (f"; the job said: {said()!r}" if said else ""))
 
 
 
