@@ -7,6 +7,7 @@ runs within about a second, so the pair's ratio compares the two configurations 
 machine: on a shared host whose speed moves by tens of percent over seconds (core.tools.tp_bench runs one
 configuration after the other and sees that as noise), the median of the pair ratios is the steady figure.
 Owns nothing the engine uses; asserts nothing.
+Every run so far, with its machine: core/tools/TP_NOTES.md.
 """
 from __future__ import annotations
 

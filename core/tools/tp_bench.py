@@ -12,6 +12,7 @@ against TP shares 0 and 1 run at once (shares_ceiling: what two ranks computing 
 what is left of it when they wait for each other at every all-reduce). Every configuration runs as its own
 job (under the mpich wheel's mpiexec for the MPI ones), one after the other, `--rounds` times in turn (the
 best of each is kept: the machine may be shared). Owns nothing the engine uses; asserts nothing.
+Every run so far, with its machine: core/tools/TP_NOTES.md.
 """
 from __future__ import annotations
 
