@@ -239,8 +239,9 @@ def wait_beating(pid: int, timeout: float = 30, said=None) -> None:
         if any(f"socket:[{inode}]" in fds for inode in inodes):
             return
         time.sleep(0.05)
-    state = "still running" if os.path.exists(f"/proc/{pid}") else "gone"
-    pytest.fail(f"process {pid} never started beating ({state})" + (f"; the job said: {said()!r}" if said else ""))
+    state = process_state(pid) or "gone"                                # R, S, T (stopped), Z, or gone
+    pytest.fail(f"process {pid} never started beating (state {state})"
+                + (f"; the job said: {said()!r}" if said else ""))
 
 
 
