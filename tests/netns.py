@@ -25,6 +25,8 @@ from typing import Iterator
 
 import pytest
 
+from core.procfs import process_state
+
 DEVICE = "lmpi0"                       # the veth end's name, the same inside both namespaces
 ADDRESS = "10.254.0.{}"                # .1 and .2 of a /30 that exists only inside the namespaces
 LAUNCHER = Path(__file__).with_name("in_netns.sh")
@@ -73,6 +75,24 @@ class TwoHosts:
             out = _ip("netns", "pids", ns, check=False).stdout
             found += [int(p) for p in out.split()]
         return found
+
+    def snapshot(self) -> str:
+        """For a failure message: every process inside either namespace (pid, state, command) and each
+        namespace's TCP sockets with their states (`ss -tan`), e.g. a connection stuck half-open."""
+        lines = []
+        for pid in self.pids():
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            lines.append(f"{pid} {process_state(pid) or 'gone'} {cmd[:100]}")
+        for ns in (self.head, self.other):
+            try:
+                ss = subprocess.run(["ip", "netns", "exec", ns, "ss", "-tan"], capture_output=True, text=True)
+                lines.append(f"{ns} ss -tan:\n{ss.stdout.strip() or ss.stderr.strip()}")
+            except OSError as exc:
+                lines.append(f"{ns}: no ss ({exc})")
+        return "\n".join(lines)
 
     def tx_bytes(self, host: str) -> int:
         """Bytes `host` has sent over the link so far."""

@@ -246,7 +246,7 @@ def test_spawn_mode_over_the_link_names_a_stopped_worker(netns, tmp_path):
     threading.Thread(target=lambda: [lines.put(line.rstrip("\n")) for line in proc.stderr], daemon=True).start()
     try:
         victim = worker_rank_pid(tag, timeout=60)
-        wait_beating(victim, said=lambda: "\n".join(_rest(lines)))
+        wait_beating(victim, said=lambda: "\n".join(_rest(lines)) + "\n" + netns.snapshot())
         time.sleep(1.5)
         os.kill(victim, signal.SIGSTOP)
         t0 = time.monotonic()
